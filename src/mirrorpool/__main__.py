@@ -1,0 +1,3 @@
+from mirrorpool.cli.main import main
+
+main()

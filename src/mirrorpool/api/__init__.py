@@ -1,0 +1,1 @@
+"""The control API: HTTP/JSON with an OpenAPI document, over the same controller."""

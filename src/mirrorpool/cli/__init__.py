@@ -1,0 +1,1 @@
+"""The `mirrorpool` command: one module per command group."""

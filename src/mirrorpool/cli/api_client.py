@@ -1,0 +1,48 @@
+"""What every CLI command that talks to a running device shares."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+
+DEFAULT_API = "http://127.0.0.1:10880"
+
+ApiOption = Annotated[
+    str,
+    typer.Option("--api", envvar="MIRRORPOOL_API", help="control API of the device",
+                 show_default=True),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def call(api: str, method: str, path: str, **kwargs: Any) -> Any:
+    """One request to the control API; refusals become a plain error and exit 1."""
+    try:
+        response = httpx.request(method, api.rstrip("/") + path, timeout=60, **kwargs)
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the device at {api} ({exc}); is `mirrorpool serve` running?")
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        fail(str(detail))
+    if response.status_code == 204 or not response.content:
+        return None
+    return response.json()
+
+
+def print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, sort_keys=True))

@@ -1,0 +1,50 @@
+"""`mirrorpool serve`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mirrorpool.cli.api_client import fail
+from mirrorpool.daemon import ServeConfig, StartError, serve
+from mirrorpool.logs import setup_logging
+
+
+def _host_port(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise typer.BadParameter(f"{what} must look like HOST:PORT, not {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def serve_command(
+    data: Annotated[str, typer.Option("--data", envvar="MIRRORPOOL_DATA",
+                                      help="data directory")] = "./mirrorpool-data",
+    listen: Annotated[str, typer.Option("--listen", envvar="MIRRORPOOL_LISTEN",
+                                        help="NBD address HOST:PORT")] = "127.0.0.1:10809",
+    unix: Annotated[str | None, typer.Option("--unix", envvar="MIRRORPOOL_UNIX",
+                                             help="also serve NBD on this Unix socket")] = None,
+    api: Annotated[str, typer.Option("--api", envvar="MIRRORPOOL_API_LISTEN",
+                                     help="control API address HOST:PORT")] = "127.0.0.1:10880",
+    workers: Annotated[int, typer.Option("--workers", min=1, max=64,
+                                         help="request threads per NBD connection")] = 4,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning")] = "info",
+    log_format: Annotated[str, typer.Option("--log-format", help="text or json")] = "text",
+) -> None:
+    """Start a device: NBD on --listen, the control API on --api."""
+    setup_logging(log_level, log_format)
+    nbd_host, nbd_port = _host_port(listen, "--listen")
+    api_host, api_port = _host_port(api, "--api")
+    config = ServeConfig(
+        data_dir=data, nbd_host=nbd_host, nbd_port=nbd_port, unix_socket=unix,
+        api_host=api_host, api_port=api_port, workers_per_connection=workers,
+    )
+    try:
+        serve(config)
+    except StartError as exc:
+        fail(str(exc))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_command)

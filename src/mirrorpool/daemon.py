@@ -1,0 +1,116 @@
+"""`mirrorpool serve`: one device process wiring the NBD server and the control API."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+
+import uvicorn
+
+from mirrorpool.api.app import create_app
+from mirrorpool.device.device import Device
+from mirrorpool.errors import DeviceBusy
+from mirrorpool.nbd.server import ListenError, NbdServer
+
+log = logging.getLogger("mirrorpool.serve")
+
+
+class StartError(Exception):
+    """The device cannot start; the message says why in plain words."""
+
+
+@dataclass
+class ServeConfig:
+    data_dir: str = "./mirrorpool-data"
+    nbd_host: str = "127.0.0.1"
+    nbd_port: int = 10809
+    unix_socket: str | None = None
+    api_host: str = "127.0.0.1"
+    api_port: int = 10880
+    workers_per_connection: int = 4
+
+
+def _bind_api(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartError(
+            f"cannot listen for the control API on {host}:{port}: {exc.strerror}"
+        ) from None
+    sock.listen(128)
+    return sock
+
+
+class RunningDevice:
+    """A started device: call stop() to shut it down cleanly."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        try:
+            self.device = Device(config.data_dir)
+        except DeviceBusy as exc:
+            raise StartError(str(exc)) from None
+        try:
+            self.nbd = NbdServer(
+                self.device,
+                tcp=(config.nbd_host, config.nbd_port),
+                unix_path=config.unix_socket,
+                workers_per_connection=config.workers_per_connection,
+            )
+            api_sock = _bind_api(config.api_host, config.api_port)
+        except (ListenError, StartError) as exc:
+            if hasattr(self, "nbd"):
+                self.nbd.stop()
+            self.device.close()
+            raise StartError(str(exc)) from None
+        api_port = api_sock.getsockname()[1]
+        self.api_url = f"http://{config.api_host}:{api_port}"
+        app = create_app(self.device, self.nbd.addresses, self.api_url, self.nbd.connection_count)
+        self._uvicorn = uvicorn.Server(
+            uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
+        )
+        self._api_sock = api_sock
+        self._api_thread = threading.Thread(
+            target=self._uvicorn.run, kwargs={"sockets": [api_sock]}, name="api", daemon=True
+        )
+
+    def start(self) -> None:
+        self.nbd.start()
+        self._api_thread.start()
+        for address in self.nbd.addresses:
+            log.info("serving NBD", extra={"address": address})
+        log.info("serving control API", extra={"address": self.api_url,
+                                                "openapi": self.api_url + "/openapi.json"})
+
+    def stop(self) -> None:
+        log.info("stopping: finishing requests in flight and closing connections")
+        self.nbd.stop()
+        self._uvicorn.should_exit = True
+        self._api_thread.join(10)
+        self.device.close()
+        log.info("stopped")
+
+
+def serve(config: ServeConfig) -> None:
+    running = RunningDevice(config)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        log.info("signal received", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    running.start()
+    try:
+        while not stop.wait(3600):
+            pass
+    finally:
+        running.stop()

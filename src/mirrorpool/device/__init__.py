@@ -1,0 +1,1 @@
+"""The device: its data directory, metadata catalog and logical units."""

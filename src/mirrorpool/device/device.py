@@ -1,0 +1,243 @@
+"""The device controller: owns the data directory, the catalog and every LU.
+
+The control API, the CLI (through the API) and the NBD server all act through
+this one object, so there is a single code path for every change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import stat
+import threading
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mirrorpool.device.catalog import Catalog, LuRecord
+from mirrorpool.errors import Conflict, DeviceBusy, InvalidRequest, NotFound
+from mirrorpool.store import FileStore, StoreError
+from mirrorpool.store.file import device_size
+
+log = logging.getLogger("mirrorpool.device")
+
+# '@' and ':' are kept for export names such as NAME@GEN and NAME:trigger.
+LU_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SECTOR = 512
+
+
+class Session:
+    """What the device needs of a host connection: a way to end it."""
+
+    peer: str
+
+    def disconnect(self) -> None: ...
+
+
+@dataclass
+class LogicalUnit:
+    record: LuRecord
+    store: FileStore
+    sessions: set[Session] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def size(self) -> int:
+        return self.store.size
+
+    @property
+    def data_path(self) -> str:
+        return self.store.path
+
+
+class Device:
+    def __init__(self, data_dir: str) -> None:
+        self.data_dir = os.path.abspath(data_dir)
+        os.makedirs(os.path.join(self.data_dir, "lu"), exist_ok=True)
+        self._lock_fd = _lock_data_dir(self.data_dir)
+        self.catalog = Catalog(os.path.join(self.data_dir, "catalog.sqlite"))
+        self._lock = threading.RLock()
+        self._lus: dict[str, LogicalUnit] = {}
+        for record in self.catalog.lus():
+            self._lus[record.name] = LogicalUnit(record, self._open_store(record))
+        self._listeners: list[Callable[[], None]] = []
+        log.info("device opened", extra={"data_dir": self.data_dir, "lus": len(self._lus)})
+
+    # ---------------------------------------------------------------- LUs
+
+    def list_lus(self) -> list[LogicalUnit]:
+        with self._lock:
+            return [self._lus[name] for name in sorted(self._lus)]
+
+    def get_lu(self, name: str) -> LogicalUnit:
+        with self._lock:
+            lu = self._lus.get(name)
+        if lu is None:
+            raise NotFound(f"no LU named {name!r}")
+        return lu
+
+    def find_lu(self, name: str) -> LogicalUnit | None:
+        with self._lock:
+            return self._lus.get(name)
+
+    def create_lu(
+        self, name: str, size: int | None, pool: int = 3, backing: str | None = None
+    ) -> LogicalUnit:
+        if not LU_NAME_RE.match(name):
+            raise InvalidRequest(
+                f"{name!r} is not a valid LU name: use 1 to 64 letters, digits, '.', '_' or '-',"
+                " starting with a letter or digit"
+            )
+        if pool < 0 or pool > 64:
+            raise InvalidRequest(f"pool size {pool} is out of range (0 to 64)")
+        if backing is not None:
+            size = self._check_backing(backing, size)
+        if size is None:
+            raise InvalidRequest("a size is needed (for example --size 64M)")
+        if size <= 0 or size % SECTOR:
+            raise InvalidRequest(f"size {size} must be a positive multiple of {SECTOR} bytes")
+        with self._lock:
+            if name in self._lus:
+                raise Conflict(f"an LU named {name!r} already exists")
+            if backing is not None and any(
+                lu.record.backing == backing for lu in self._lus.values()
+            ):
+                raise Conflict(f"{backing} already backs another LU")
+            lu_uuid = str(uuidlib.uuid4())
+            path = backing or self._internal_path(lu_uuid)
+            try:
+                if backing is None:
+                    store = FileStore.create(path, size)
+                else:
+                    store = FileStore(path, None)
+                    store.resize(size)
+            except OSError as exc:
+                raise InvalidRequest(f"cannot create the data file {path}: {exc.strerror}") from exc
+            try:
+                record = self.catalog.add_lu(name, lu_uuid, size, pool, backing)
+            except Exception:
+                store.close()
+                if backing is None:
+                    os.unlink(path)
+                raise
+            lu = LogicalUnit(record, store)
+            self._lus[name] = lu
+        log.info("LU created", extra={"lu": name, "size": size, "pool": pool})
+        return lu
+
+    def delete_lu(self, name: str, force: bool = False) -> None:
+        with self._lock:
+            lu = self.get_lu(name)
+            if lu.sessions and not force:
+                raise Conflict(
+                    f"LU {name!r} has {len(lu.sessions)} connected client(s);"
+                    " disconnect them or use --force"
+                )
+            del self._lus[name]
+            self.catalog.remove_lu(name)
+        for session in list(lu.sessions):
+            session.disconnect()
+        lu.store.close()
+        if lu.record.backing is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lu.data_path)
+        log.info("LU deleted", extra={"lu": name, "forced": force})
+
+    def resize_lu(self, name: str, size: int) -> LogicalUnit:
+        with self._lock:
+            lu = self.get_lu(name)
+            if size % SECTOR:
+                raise InvalidRequest(f"size {size} must be a multiple of {SECTOR} bytes")
+            if size < lu.size:
+                raise InvalidRequest(
+                    f"LU {name!r} is {lu.size} bytes; shrinking to {size} would lose data"
+                    " (only growing is supported)"
+                )
+            try:
+                lu.store.resize(size)
+            except StoreError as exc:
+                raise InvalidRequest(f"cannot grow LU {name!r}: {exc}") from exc
+            self.catalog.set_lu_size(name, size)
+            lu.record = LuRecord(**{**lu.record.__dict__, "size": size})
+        log.info("LU resized", extra={"lu": name, "size": size})
+        return lu
+
+    # ---------------------------------------------------------------- sessions
+
+    def attach(self, lu: LogicalUnit, session: Session) -> None:
+        with self._lock:
+            if self._lus.get(lu.name) is not lu:
+                raise NotFound(f"no LU named {lu.name!r}")
+            lu.sessions.add(session)
+
+    def detach(self, lu: LogicalUnit, session: Session) -> None:
+        with self._lock:
+            lu.sessions.discard(session)
+
+    # ---------------------------------------------------------------- lifetime
+
+    def flush_all(self) -> None:
+        for lu in self.list_lus():
+            try:
+                lu.store.flush()
+            except StoreError as exc:
+                log.error("flush failed", extra={"lu": lu.name, "error": str(exc)})
+
+    def close(self) -> None:
+        self.flush_all()
+        with self._lock:
+            for lu in self._lus.values():
+                lu.store.close()
+            self._lus.clear()
+        self.catalog.close()
+        os.close(self._lock_fd)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _internal_path(self, lu_uuid: str) -> str:
+        return os.path.join(self.data_dir, "lu", f"{lu_uuid}.img")
+
+    def _open_store(self, record: LuRecord) -> FileStore:
+        path = record.backing or self._internal_path(record.uuid)
+        return FileStore(path, record.size)
+
+    @staticmethod
+    def _check_backing(backing: str, size: int | None) -> int:
+        if not os.path.isabs(backing):
+            raise InvalidRequest(f"--backing needs an absolute path, not {backing!r}")
+        try:
+            st = os.stat(backing)
+        except OSError as exc:
+            raise InvalidRequest(f"cannot use {backing} as backing: {exc.strerror}") from exc
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise InvalidRequest(f"{backing} is neither a regular file nor a block device")
+        actual = device_size(backing)
+        if size is None:
+            if actual == 0:
+                raise InvalidRequest(f"{backing} is empty: give --size to grow it")
+            return actual - actual % SECTOR
+        if stat.S_ISBLK(st.st_mode) and size > actual:
+            raise InvalidRequest(f"{backing} holds {actual} bytes, less than {size}")
+        return size
+
+
+def _lock_data_dir(data_dir: str) -> int:
+    path = os.path.join(data_dir, "device.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise DeviceBusy(
+            f"data directory {data_dir} is in use by a running device (pid {holder})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

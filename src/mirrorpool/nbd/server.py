@@ -1,0 +1,471 @@
+"""The NBD server's I/O layer: sockets and threads around the sans-IO codec.
+
+Each connection negotiates in one thread, then serves transmission with a few
+worker threads in a leader/followers pattern: one worker at a time reads a
+request (header, then any WRITE payload straight into its own preallocated
+buffer), hands the socket on, and serves the request while the next worker
+reads the next one.  Pipelined requests therefore run concurrently, and no
+request is copied or handed between threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+
+from mirrorpool.device.device import Device
+from mirrorpool.device.exports import Export, list_exports, match_contexts, resolve_export
+from mirrorpool.errors import MirrorpoolError
+from mirrorpool.nbd import codec as c
+from mirrorpool.nbd.constants import Cmd, CmdFlag, Errno, Info, Opt, Rep
+from mirrorpool.store import FastZeroUnsupported, StoreError
+
+log = logging.getLogger("mirrorpool.nbd")
+
+MIN_BLOCK = 1
+PREFERRED_BLOCK = 4096
+MAX_PAYLOAD = 32 * 1024 * 1024
+# A WRITE over the maximum is drained and refused up to this size; beyond it
+# the client is not speaking NBD sensibly and the connection is closed.
+MAX_DRAIN = 4 * MAX_PAYLOAD
+MAX_OPTIONS = 4096
+NEGOTIATION_TIMEOUT = 60.0
+MAX_EXTENTS = 1024
+_DRAIN_CHUNK = 1 << 20
+
+
+class ListenError(Exception):
+    pass
+
+
+class _PeerClosed(Exception):
+    pass
+
+
+class NbdServer:
+    def __init__(
+        self,
+        device: Device,
+        tcp: tuple[str, int] | None = ("127.0.0.1", 10809),
+        unix_path: str | None = None,
+        workers_per_connection: int = 4,
+        resolve: Callable[[Device, str], Export | None] = resolve_export,
+    ) -> None:
+        self.device = device
+        self.workers_per_connection = max(1, workers_per_connection)
+        self.resolve = resolve
+        self._listeners: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._connections: set[Connection] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.addresses: list[str] = []
+        if tcp is not None:
+            self._listen_tcp(*tcp)
+        if unix_path is not None:
+            self._listen_unix(unix_path)
+
+    def _listen_tcp(self, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise ListenError(f"cannot listen for NBD on {host}:{port}: {exc.strerror}") from exc
+        sock.listen(128)
+        self._listeners.append(sock)
+        bound = sock.getsockname()
+        self.port = bound[1]
+        self.addresses.append(f"nbd://{host}:{bound[1]}")
+
+    def _listen_unix(self, path: str) -> None:
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # a stale socket from a device that is gone
+            else:
+                probe.close()
+                raise ListenError(f"cannot listen on {path}: another server is using it")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            raise ListenError(f"cannot listen on {path}: {exc.strerror}") from exc
+        sock.listen(128)
+        self._listeners.append(sock)
+        self.unix_path = path
+        self.addresses.append(f"nbd+unix:///?socket={path}")
+
+    def start(self) -> None:
+        for sock in self._listeners:
+            t = threading.Thread(target=self._accept_loop, args=(sock,), name="nbd-accept",
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, peer = listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                continue
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer_name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+            conn = Connection(self, sock, peer_name)
+            with self._lock:
+                self._connections.add(conn)
+            threading.Thread(target=conn.run, name=f"nbd-{peer_name}", daemon=True).start()
+
+    def forget(self, conn: Connection) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+
+    def connection_count(self) -> int:
+        with self._lock:
+            return len(self._connections)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, let requests in flight finish, close every connection."""
+        self._stopping.set()
+        for sock in self._listeners:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        if getattr(self, "unix_path", None):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.unix_path)
+        with self._lock:
+            conns = list(self._connections)
+        for conn in conns:
+            conn.disconnect()
+        for conn in conns:
+            conn.finished.wait(timeout)
+
+
+class Connection:
+    def __init__(self, server: NbdServer, sock: socket.socket, peer: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.codec = c.ServerCodec()
+        self.finished = threading.Event()
+        self._recv_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._closing = False
+        self._pending = b""  # bytes received during negotiation past its end
+        self.export: Export | None = None
+        self._contexts: dict[int, str] = {}
+        self._context_export: str | None = None
+
+    # ---------------------------------------------------------------- lifetime
+
+    def run(self) -> None:
+        try:
+            export = self._negotiate()
+            if export is not None:
+                self._transmit(export)
+        except (c.ProtocolError, _PeerClosed, OSError) as exc:
+            if not self._closing:
+                log.warning("closing connection", extra={"peer": self.peer, "reason": str(exc)})
+        except Exception:
+            log.exception("connection failed", extra={"peer": self.peer})
+        finally:
+            self._closing = True
+            try:
+                self.sock.close()
+            finally:
+                self.server.forget(self)
+                self.finished.set()
+
+    def disconnect(self) -> None:
+        """End the connection from the device's side (shutdown, forced delete)."""
+        self._closing = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    # ---------------------------------------------------------------- negotiation
+
+    def _negotiate(self) -> Export | None:
+        self.sock.settimeout(NEGOTIATION_TIMEOUT)
+        self.sock.sendall(self.codec.greeting())
+        options = 0
+        while True:
+            event = self.codec.next_event()
+            if event is c.NEED_DATA:
+                data = self.sock.recv(65536)
+                self.codec.receive_data(data)
+                if not data:
+                    return None
+                continue
+            if isinstance(event, c.ClientFlags):
+                continue
+            options += 1
+            if options > MAX_OPTIONS:
+                raise c.ProtocolError("too many options during negotiation")
+            export = self._answer_option(event)
+            if export is not None:
+                self.sock.settimeout(None)
+                self._pending = self.codec.take_all_buffered()
+                return export
+            if self.codec.state is c.State.CLOSED:
+                return None
+
+    def _reply(self, option: int, reply: int, data: bytes = b"") -> None:
+        self.sock.sendall(self.codec.encode_option_reply(option, reply, data))
+
+    def _refuse(self, option: int, reply: int, message: str) -> None:
+        log.info("option refused", extra={"peer": self.peer, "option": option, "why": message})
+        self._reply(option, reply, message.encode())
+
+    def _answer_option(self, event: c.Event) -> Export | None:
+        device = self.server.device
+        if isinstance(event, c.ExportNameOption):
+            export = self.server.resolve(device, event.name)
+            if export is None:
+                raise c.ProtocolError(f"unknown export {event.name!r} in NBD_OPT_EXPORT_NAME")
+            self.sock.sendall(
+                self.codec.encode_export_name_reply(export.size, c.export_flags(export.read_only))
+            )
+            return self._enter(export)
+        if isinstance(event, c.GoOption):
+            opt = Opt.GO if event.go else Opt.INFO
+            export = self.server.resolve(device, event.name)
+            if export is None:
+                self._refuse(opt, Rep.ERR_UNKNOWN, f"no export named {event.name!r}")
+                return None
+            flags = c.export_flags(export.read_only)
+            self._reply(opt, Rep.INFO, c.encode_info_export(export.size, flags))
+            if Info.NAME in event.requests:
+                self._reply(opt, Rep.INFO, c.encode_info_name(export.name))
+            if Info.DESCRIPTION in event.requests:
+                self._reply(opt, Rep.INFO, c.encode_info_description(export.description))
+            self._reply(
+                opt, Rep.INFO, c.encode_info_block_size(MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD)
+            )
+            self._reply(opt, Rep.ACK)
+            return self._enter(export) if event.go else None
+        if isinstance(event, c.ListOption):
+            for name, description in list_exports(device):
+                self._reply(Opt.LIST, Rep.SERVER, c.encode_server_entry(name, description))
+            self._reply(Opt.LIST, Rep.ACK)
+            return None
+        if isinstance(event, c.AbortOption):
+            self._reply(Opt.ABORT, Rep.ACK)
+            return None
+        if isinstance(event, c.StructuredReplyOption):
+            self._reply(Opt.STRUCTURED_REPLY, Rep.ACK)
+            return None
+        if isinstance(event, c.MetaContextOption):
+            self._answer_meta_context(event)
+            return None
+        if isinstance(event, c.InvalidOption):
+            self._refuse(event.option, Rep.ERR_INVALID, event.reason)
+            return None
+        if isinstance(event, c.UnsupportedOption):
+            self._refuse(event.option, Rep.ERR_UNSUP, f"option {event.option} is not supported")
+            return None
+        raise c.ProtocolError(f"unexpected event {event!r}")
+
+    def _answer_meta_context(self, event: c.MetaContextOption) -> None:
+        opt = Opt.SET_META_CONTEXT if event.set else Opt.LIST_META_CONTEXT
+        if not self.codec.structured_replies:
+            self._refuse(opt, Rep.ERR_INVALID, "meta contexts need structured replies first")
+            return
+        export = self.server.resolve(self.server.device, event.export)
+        if export is None:
+            self._refuse(opt, Rep.ERR_UNKNOWN, f"no export named {event.export!r}")
+            return
+        if event.set and not event.queries:
+            names: list[str] = []
+        else:
+            names = match_contexts(export, event.queries)
+        if event.set:
+            self._contexts = {i + 1: name for i, name in enumerate(names)}
+            self._context_export = event.export
+        for i, name in enumerate(names):
+            self._reply(opt, Rep.META_CONTEXT, c.encode_meta_context(i + 1 if event.set else 0,
+                                                                     name))
+        self._reply(opt, Rep.ACK)
+
+    def _enter(self, export: Export) -> Export:
+        if self._context_export != export.name:
+            self._contexts = {}  # contexts chosen for another export do not apply
+        self.server.device.attach(export.lu, self)
+        self.codec.enter_transmission()
+        self.export = export
+        log.info("client connected", extra={"peer": self.peer, "export": export.name})
+        return export
+
+    # ---------------------------------------------------------------- transmission
+
+    def _transmit(self, export: Export) -> None:
+        self.limits = c.ExportLimits(
+            size=export.size,
+            read_only=export.read_only,
+            max_payload=MAX_PAYLOAD,
+            structured_replies=self.codec.structured_replies,
+        )
+        try:
+            workers = [
+                threading.Thread(target=self._worker, args=(False,), name=f"nbd-w{i}-{self.peer}",
+                                 daemon=True)
+                for i in range(1, self.server.workers_per_connection)
+            ]
+            for t in workers:
+                t.start()
+            self._worker(True)
+            for t in workers:
+                t.join()
+        finally:
+            self.server.device.detach(export.lu, self)
+            log.info("client disconnected", extra={"peer": self.peer, "export": export.name})
+
+    def _recv_exact(self, view: memoryview) -> None:
+        if self._pending:
+            n = min(len(self._pending), len(view))
+            view[:n] = self._pending[:n]
+            self._pending = self._pending[n:]
+            view = view[n:]
+        recv_into = self.sock.recv_into
+        while view:
+            n = recv_into(view)
+            if n == 0:
+                raise _PeerClosed("peer closed the connection")
+            view = view[n:]
+
+    def _worker(self, reports_errors: bool) -> None:
+        header = bytearray(c.REQUEST_HEADER_SIZE)
+        header_view = memoryview(header)
+        buf = bytearray(MAX_PAYLOAD)  # calloc'd: pages are touched only when used
+        view = memoryview(buf)
+        codec = self.codec
+        try:
+            while True:
+                with self._recv_lock:
+                    if self._closing:
+                        return
+                    try:
+                        self._recv_exact(header_view)
+                        cmd = codec.decode_command(header_view)
+                        if cmd.payload_length:
+                            if cmd.payload_length > MAX_PAYLOAD:
+                                self._drain(cmd.payload_length)
+                            else:
+                                self._recv_exact(view[: cmd.payload_length])
+                                codec.payload_consumed(cmd.payload_length)
+                    except (_PeerClosed, OSError, c.ProtocolError):
+                        self._close_transmission()
+                        raise
+                    if cmd.type == Cmd.DISC:
+                        self._closing = True
+                        return
+                self._serve(cmd, view)
+        except (_PeerClosed, OSError, c.ProtocolError):
+            if reports_errors:
+                raise
+
+    def _close_transmission(self) -> None:
+        self._closing = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RD)
+
+    def _drain(self, n: int) -> None:
+        if n > MAX_DRAIN:
+            raise c.ProtocolError(f"write payload of {n} bytes is far over the maximum")
+        scratch = memoryview(bytearray(_DRAIN_CHUNK))
+        while n:
+            take = min(n, _DRAIN_CHUNK)
+            self._recv_exact(scratch[:take])
+            self.codec.payload_consumed(take)
+            n -= take
+
+    def _send(self, *parts: bytes | memoryview) -> None:
+        with self._send_lock:
+            sent = self.sock.sendmsg(parts)
+            total = sum(len(p) for p in parts)
+            if sent < total:
+                rest = b"".join(bytes(p) for p in parts)[sent:]
+                self.sock.sendall(rest)
+
+    def _serve(self, cmd: c.Command, view: memoryview) -> None:
+        structured = self.limits.structured_replies
+        code, why = c.check_command(cmd, self.limits)
+        if code:
+            log.info("request refused", extra={"peer": self.peer, "cmd": cmd.type, "why": why})
+            self._send(c.encode_error_reply(cmd.cookie, code, structured and cmd.type in
+                                            (Cmd.READ, Cmd.BLOCK_STATUS), why))
+            return
+        store = self.export.store  # type: ignore[union-attr]
+        typ = cmd.type
+        try:
+            if typ == Cmd.READ:
+                data = view[: cmd.length]
+                store.read_into(data, cmd.offset)
+                if structured:
+                    self._send(c.encode_offset_data_header(cmd.cookie, cmd.offset, cmd.length),
+                               data)
+                else:
+                    self._send(c.encode_simple_reply(cmd.cookie), data)
+                return
+            if typ == Cmd.WRITE:
+                store.write(view[: cmd.length], cmd.offset, bool(cmd.flags & CmdFlag.FUA))
+            elif typ == Cmd.FLUSH:
+                store.flush()
+            elif typ == Cmd.TRIM:
+                store.trim(cmd.offset, cmd.length, bool(cmd.flags & CmdFlag.FUA))
+            elif typ == Cmd.WRITE_ZEROES:
+                store.zero(
+                    cmd.offset,
+                    cmd.length,
+                    may_trim=not cmd.flags & CmdFlag.NO_HOLE,
+                    fast=bool(cmd.flags & CmdFlag.FAST_ZERO),
+                    fua=bool(cmd.flags & CmdFlag.FUA),
+                )
+            elif typ == Cmd.CACHE:
+                store.cache(cmd.offset, cmd.length)
+            elif typ == Cmd.BLOCK_STATUS:
+                self._block_status(cmd)
+                return
+            self._send(c.encode_simple_reply(cmd.cookie))
+        except FastZeroUnsupported as exc:
+            self._send(c.encode_simple_reply(cmd.cookie, exc.code))
+        except (StoreError, MirrorpoolError) as exc:
+            code = exc.code if isinstance(exc, StoreError) else Errno.EINVAL
+            log.error("request failed", extra={"peer": self.peer, "cmd": typ, "error": str(exc)})
+            self._send(c.encode_error_reply(cmd.cookie, code, structured and typ in
+                                            (Cmd.READ, Cmd.BLOCK_STATUS), str(exc)))
+
+    def _block_status(self, cmd: c.Command) -> None:
+        export = self.export
+        assert export is not None
+        chunks: list[bytes] = []
+        for context_id, name in self._contexts.items():
+            source = export.contexts.get(name)
+            if source is None:
+                continue
+            extents = source(cmd.offset, cmd.length)[:MAX_EXTENTS]
+            if cmd.flags & CmdFlag.REQ_ONE:
+                extents = extents[:1]
+            runs = [(e.length, int(e.flags)) for e in extents]
+            chunks.append(c.encode_block_status(cmd.cookie, context_id, runs))
+        if not chunks:
+            self._send(c.encode_error_chunk(cmd.cookie, Errno.EINVAL, "no meta context selected"))
+            return
+        self._send(*chunks, c.encode_done(cmd.cookie))
+
+
+__all__ = ["ListenError", "NbdServer"]
