@@ -1,0 +1,141 @@
+"""Start and stop real server processes for tests: loopback only, stopped by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+MIRRORPOOL = str(VENV_BIN / "mirrorpool")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+def stop_pid(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+    if proc.poll() is None:
+        os.kill(proc.pid, sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    return proc.returncode
+
+
+@dataclass
+class DeviceProcess:
+    """A `mirrorpool serve` subprocess on free loopback ports."""
+
+    data_dir: Path
+    nbd_port: int = field(default_factory=free_port)
+    api_port: int = field(default_factory=free_port)
+    unix_socket: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+    _counter: int = 0
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def uri(self, export: str) -> str:
+        return f"nbd://127.0.0.1:{self.nbd_port}/{export}"
+
+    def start(self) -> DeviceProcess:
+        args = [
+            MIRRORPOOL, "serve", "--data", str(self.data_dir),
+            "--listen", f"127.0.0.1:{self.nbd_port}", "--api", f"127.0.0.1:{self.api_port}",
+            *self.extra_args,
+        ]
+        if self.unix_socket:
+            args += ["--unix", str(self.unix_socket)]
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-serve.log"
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_for_port(self.api_port, self.proc)
+        wait_for_port(self.nbd_port, self.proc)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        return stop_pid(self.proc, sig)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text() if self.log_path else ""
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        env = {**os.environ, "MIRRORPOOL_API": self.api}
+        result = subprocess.run([MIRRORPOOL, *args], capture_output=True, text=True, env=env,
+                                timeout=120)
+        if check and result.returncode != 0:
+            raise AssertionError(f"mirrorpool {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def request(self, method: str, path: str, body: object | None = None) -> tuple[int, object]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.api + path, data=data, method=method,
+                                     headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                raw = resp.read()
+                return resp.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def create_lu(self, size: str = "64M", pool: int = 0, name: str | None = None) -> str:
+        if name is None:
+            self._counter += 1
+            name = f"lu{self._counter}-{os.getpid()}"
+        self.cli("lu", "create", name, "--size", size, "--pool", str(pool))
+        return name
+
+
+@dataclass
+class NbdkitProcess:
+    """`nbdkit memory` (or any plugin) on a free loopback port, as a reference server."""
+
+    plugin_args: list[str]
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> NbdkitProcess:
+        self.proc = subprocess.Popen(
+            ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(self.port), *self.plugin_args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, self.proc)
+        return self
+
+    def uri(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_pid(self.proc)
