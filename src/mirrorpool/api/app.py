@@ -6,12 +6,24 @@ import os
 import time
 from collections.abc import Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from mirrorpool import __version__
-from mirrorpool.api.models import DeviceStatus, ErrorBody, LuCreate, LuInfo, LuResize
+from mirrorpool.api.jobs import Jobs
+from mirrorpool.api.models import (
+    DeviceStatus,
+    ErrorBody,
+    GroupTriggerRequest,
+    LuCreate,
+    LuInfo,
+    LuResize,
+    LuSettings,
+    RestoreRequest,
+    TriggerAnswer,
+    TriggerRequest,
+)
 from mirrorpool.device.device import Device
 from mirrorpool.errors import MirrorpoolError
 
@@ -30,6 +42,7 @@ def create_app(
         description="Manage the logical units of one mirrorpool device.",
     )
     started = time.time()
+    jobs = Jobs()
 
     @app.exception_handler(MirrorpoolError)
     async def _refused(_: Request, exc: MirrorpoolError) -> JSONResponse:
@@ -53,7 +66,7 @@ def create_app(
             api=api_address,
             uptime_seconds=round(time.time() - started, 3),
             connections=connection_count(),
-            lus=[LuInfo.of(lu) for lu in device.list_lus()],
+            lus=[LuInfo.of(lu, device.backups.status(lu)) for lu in device.list_lus()],
         )
 
     @app.get("/v1/lus", response_model=list[LuInfo])
@@ -66,7 +79,60 @@ def create_app(
 
     @app.get("/v1/lus/{name}", response_model=LuInfo, responses=_ERRORS)
     def get_lu(name: str) -> LuInfo:
-        return LuInfo.of(device.get_lu(name))
+        lu = device.get_lu(name)
+        return LuInfo.of(lu, device.backups.status(lu))
+
+    @app.patch("/v1/lus/{name}", response_model=LuInfo, responses=_ERRORS)
+    def set_lu(name: str, body: LuSettings) -> LuInfo:
+        if body.pool is not None:
+            device.backups.set_pool(name, body.pool)
+        lu = device.get_lu(name)
+        return LuInfo.of(lu, device.backups.status(lu))
+
+    @app.post("/v1/lus/{name}/trigger", response_model=TriggerAnswer, responses=_ERRORS)
+    def trigger_lu(name: str, body: TriggerRequest | None = None) -> dict:
+        body = body or TriggerRequest()
+        answers = device.triggers.trigger([name], body.label, body.source)
+        return {"trigger_id": answers[0]["trigger_id"], "generations": answers}
+
+    @app.post("/v1/trigger", response_model=TriggerAnswer, responses=_ERRORS)
+    def trigger_group(body: GroupTriggerRequest) -> dict:
+        answers = device.triggers.trigger(body.lus, body.label, body.source)
+        return {"trigger_id": answers[0]["trigger_id"], "generations": answers}
+
+    @app.get("/v1/triggers", responses=_ERRORS)
+    def triggers(lu: str | None = None, limit: int = 100) -> list[dict]:
+        return device.catalog.triggers(lu, limit)
+
+    @app.get("/v1/lus/{name}/backups", responses=_ERRORS)
+    def backups(name: str) -> list[dict]:
+        return device.backups.generations(name)
+
+    @app.post("/v1/lus/{name}/backups/{gen}/pin", responses=_ERRORS)
+    def pin(name: str, gen: int) -> dict:
+        return device.backups.pin(name, gen, True)
+
+    @app.delete("/v1/lus/{name}/backups/{gen}/pin", responses=_ERRORS)
+    def unpin(name: str, gen: int) -> dict:
+        answer = device.backups.pin(name, gen, False)
+        device.get_lu(name).volume.ensure_active()
+        return answer
+
+    @app.get("/v1/lus/{name}/diff", responses=_ERRORS)
+    def diff(name: str, older: int = Query(alias="from"),
+             newer: int | None = Query(None, alias="to")) -> dict:
+        return device.backups.diff(name, older, newer)
+
+    @app.post("/v1/lus/{name}/restore", status_code=202, responses=_ERRORS)
+    def restore(name: str, body: RestoreRequest) -> dict:
+        device.backups.check_restore(name, body.gen, body.force)
+        job = jobs.start("restore", name, lambda progress: device.backups.restore(
+            name, body.gen, body.force, progress))
+        return job.as_dict()
+
+    @app.get("/v1/jobs/{job_id}", responses=_ERRORS)
+    def job(job_id: str) -> dict:
+        return jobs.get(job_id).as_dict()
 
     @app.delete("/v1/lus/{name}", status_code=204, responses=_ERRORS)
     def delete_lu(name: str, force: bool = False) -> None:

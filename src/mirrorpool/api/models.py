@@ -42,10 +42,12 @@ class LuInfo(BaseModel):
     data_path: str
     connections: int
     created: float
+    mirror: dict | None = None
 
     @classmethod
-    def of(cls, lu: LogicalUnit) -> LuInfo:
+    def of(cls, lu: LogicalUnit, mirror: dict | None = None) -> LuInfo:
         return cls(
+            mirror=mirror,
             name=lu.name,
             uuid=lu.record.uuid,
             size=lu.size,
@@ -70,3 +72,38 @@ class DeviceStatus(BaseModel):
 
 class ErrorBody(BaseModel):
     detail: str
+
+
+class LuSettings(BaseModel):
+    pool: int | None = Field(None, ge=0, le=64, description="new backup pool size")
+
+
+class TriggerRequest(BaseModel):
+    label: str = Field("", max_length=256)
+    source: str = Field("api", pattern="^(api|cli)$")
+
+
+class GroupTriggerRequest(TriggerRequest):
+    lus: list[str] = Field(min_length=1, description="LUs split at one consistent cut")
+
+
+class GenerationAnswer(BaseModel):
+    lu: str
+    gen: int
+    seq: int | None
+    trigger_id: str
+    label: str
+    source: str
+    created: float
+    member: int
+    split_ms: float | None
+
+
+class TriggerAnswer(BaseModel):
+    trigger_id: str
+    generations: list[GenerationAnswer]
+
+
+class RestoreRequest(BaseModel):
+    gen: int = Field(ge=1)
+    force: bool = False

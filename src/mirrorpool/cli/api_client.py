@@ -46,3 +46,19 @@ def call(api: str, method: str, path: str, **kwargs: Any) -> Any:
 
 def print_json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+def nbd_uri(api: str, given: str | None, export: str) -> str:
+    """NBD URI of ``export``: from --nbd (a base URI) or from the device's status."""
+    base = given
+    if base is None:
+        addresses = call(api, "GET", "/v1/status")["nbd"]
+        tcp = [a for a in addresses if a.startswith("nbd://")]
+        if not tcp and not addresses:
+            fail("the device reports no NBD address; give --nbd")
+        base = (tcp or addresses)[0]
+    if base.startswith("nbd+unix"):
+        path, _, query = base.partition("?")
+        return f"nbd+unix:///{export}?{query}"
+    return base.rstrip("/").rsplit("/", 1)[0] + "/" + export if base.count("/") > 2 else (
+        base.rstrip("/") + "/" + export)

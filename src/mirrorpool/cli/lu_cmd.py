@@ -97,3 +97,20 @@ def resize(
         print_json(lu)
     else:
         console.print(f"LU {name} is now {format_size(lu['size'])}", highlight=False)
+
+
+@app.command("set")
+def set_(
+    name: str,
+    pool: Annotated[int | None, typer.Option("--pool", help="new backup pool size")] = None,
+    api: ApiOption = DEFAULT_API,
+    as_json: JsonOption = False,
+) -> None:
+    """Change an LU's settings (its backup pool size)."""
+    if pool is None:
+        fail("nothing to change: give --pool N")
+    lu = call(api, "PATCH", f"/v1/lus/{name}", json={"pool": pool})
+    if as_json:
+        print_json(lu)
+    else:
+        console.print(f"LU {name}: pool {lu['pool']}", highlight=False)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import typer
 
 from mirrorpool import __version__
-from mirrorpool.cli import lu_cmd, serve_cmd, status_cmd
+from mirrorpool.cli import (
+    backups_cmd,
+    diff_cmd,
+    export_cmd,
+    lu_cmd,
+    restore_cmd,
+    serve_cmd,
+    status_cmd,
+    trigger_cmd,
+)
 
 app = typer.Typer(
     name="mirrorpool",
@@ -17,6 +26,11 @@ app = typer.Typer(
 serve_cmd.register(app)
 status_cmd.register(app)
 app.add_typer(lu_cmd.app, name="lu")
+trigger_cmd.register(app)
+app.add_typer(backups_cmd.app, name="backups")
+export_cmd.register(app)
+diff_cmd.register(app)
+restore_cmd.register(app)
 
 
 @app.callback(invoke_without_command=True)

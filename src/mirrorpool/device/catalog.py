@@ -19,7 +19,42 @@ CREATE TABLE IF NOT EXISTS lu (
     size INTEGER NOT NULL CHECK (size > 0),
     pool INTEGER NOT NULL CHECK (pool >= 0),
     backing TEXT,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    open_changes BLOB
+);
+CREATE TABLE IF NOT EXISTS member (
+    lu TEXT NOT NULL REFERENCES lu(name) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    state TEXT NOT NULL,            -- spare | active | generation | failed
+    gen INTEGER,                    -- generation it holds (state generation)
+    last_used INTEGER NOT NULL DEFAULT 0,
+    pending BLOB,                   -- chunks still to copy from the primary
+    PRIMARY KEY (lu, idx)
+);
+CREATE TABLE IF NOT EXISTS generation (
+    lu TEXT NOT NULL REFERENCES lu(name) ON DELETE CASCADE,
+    gen INTEGER NOT NULL,
+    member INTEGER NOT NULL,
+    trigger_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    label TEXT NOT NULL DEFAULT '',
+    source TEXT NOT NULL,
+    created REAL NOT NULL,
+    pinned INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'ready',   -- ready | recycled
+    changes BLOB,                   -- chunks written since the previous generation
+    PRIMARY KEY (lu, gen)
+);
+CREATE TABLE IF NOT EXISTS trigger_log (
+    id TEXT PRIMARY KEY,
+    lus TEXT NOT NULL,
+    seqs TEXT NOT NULL,
+    source TEXT NOT NULL,
+    label TEXT NOT NULL,
+    received REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
 );
 """
 
@@ -32,6 +67,29 @@ class LuRecord:
     pool: int
     backing: str | None  # an external file or block device; None: inside the data dir
     created: float
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    idx: int
+    state: str
+    gen: int | None
+    last_used: int
+    pending: bytes | None
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    gen: int
+    member: int
+    trigger_id: str
+    seq: int
+    label: str
+    source: str
+    created: float
+    pinned: bool
+    state: str
+    changes: bytes | None
 
 
 class Catalog:
@@ -85,6 +143,130 @@ class Catalog:
     def remove_lu(self, name: str) -> None:
         with self.transaction() as db:
             db.execute("DELETE FROM lu WHERE name=?", (name,))
+
+    # ---------------------------------------------------------------- pools
+
+    def members(self, lu: str) -> list[MemberRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT idx, state, gen, last_used, pending FROM member WHERE lu=? ORDER BY idx",
+                (lu,),
+            ).fetchall()
+        return [MemberRecord(*row) for row in rows]
+
+    def generations(self, lu: str, include_recycled: bool = False) -> list[GenerationRecord]:
+        query = (
+            "SELECT gen, member, trigger_id, seq, label, source, created, pinned, state, changes"
+            " FROM generation WHERE lu=?"
+        )
+        if not include_recycled:
+            query += " AND state='ready'"
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY gen", (lu,)).fetchall()
+        return [GenerationRecord(*row[:7], bool(row[7]), *row[8:]) for row in rows]
+
+    def lu_state(self, lu: str) -> tuple[int, bytes | None]:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT last_seq, open_changes FROM lu WHERE name=?", (lu,)
+            ).fetchone()
+        return (row[0], row[1]) if row else (0, None)
+
+    def add_members(self, lu: str, indexes: list[int]) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO member (lu, idx, state) VALUES (?, ?, 'spare')",
+                [(lu, i) for i in indexes],
+            )
+
+    def remove_members(self, lu: str, indexes: list[int]) -> None:
+        with self.transaction() as db:
+            db.executemany("DELETE FROM member WHERE lu=? AND idx=?", [(lu, i) for i in indexes])
+
+    def save_pool(
+        self,
+        lu: str,
+        members: list[MemberRecord],
+        last_seq: int,
+        open_changes: bytes | None,
+        new_generations: list[GenerationRecord] = (),  # type: ignore[assignment]
+        recycled: list[int] = (),  # type: ignore[assignment]
+        prune_changes_upto: int | None = None,
+    ) -> None:
+        """One atomic step: member states, new generations, recycled ones."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE member SET state=?, gen=?, last_used=?, pending=? WHERE lu=? AND idx=?",
+                [(m.state, m.gen, m.last_used, m.pending, lu, m.idx) for m in members],
+            )
+            for g in new_generations:
+                db.execute(
+                    "INSERT INTO generation (lu, gen, member, trigger_id, seq, label, source,"
+                    " created, pinned, state, changes) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (lu, g.gen, g.member, g.trigger_id, g.seq, g.label, g.source, g.created,
+                     int(g.pinned), g.state, g.changes),
+                )
+            db.executemany(
+                "UPDATE generation SET state='recycled' WHERE lu=? AND gen=?",
+                [(lu, gen) for gen in recycled],
+            )
+            if prune_changes_upto is not None:
+                db.execute(
+                    "UPDATE generation SET changes=NULL WHERE lu=? AND gen<=? AND state='recycled'",
+                    (lu, prune_changes_upto),
+                )
+            db.execute(
+                "UPDATE lu SET last_seq=max(last_seq, ?), open_changes=? WHERE name=?",
+                (last_seq, open_changes, lu),
+            )
+
+    def mark_recycled(self, lu: str, gens: list[int]) -> None:
+        with self.transaction() as db:
+            db.executemany("UPDATE generation SET state='recycled' WHERE lu=? AND gen=?",
+                           [(lu, g) for g in gens])
+
+    def set_pinned(self, lu: str, gen: int, pinned: bool) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE generation SET pinned=? WHERE lu=? AND gen=?", (int(pinned), lu, gen)
+            )
+
+    def set_pool_size(self, lu: str, pool: int) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE lu SET pool=? WHERE name=?", (pool, lu))
+
+    def log_trigger(
+        self, trigger_id: str, lus: list[str], seqs: list[int], source: str, label: str,
+        received: float, outcome: str, detail: str = "",
+    ) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO trigger_log (id, lus, seqs, source, label, received, outcome, detail)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (trigger_id, ",".join(lus), ",".join(map(str, seqs)), source, label, received,
+                 outcome, detail),
+            )
+
+    def triggers(self, lu: str | None = None, limit: int = 100) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, lus, seqs, source, label, received, outcome, detail FROM trigger_log"
+                " ORDER BY received DESC LIMIT ?", (limit * 10 if lu else limit,),
+            ).fetchall()
+        keys = ("id", "lus", "seqs", "source", "label", "received", "outcome", "detail")
+        out = [dict(zip(keys, row, strict=True)) for row in rows]
+        if lu is not None:
+            out = [t for t in out if lu in t["lus"].split(",")][:limit]
+        return out
+
+    def get_meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def close(self) -> None:
         with self._lock:

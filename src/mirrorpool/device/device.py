@@ -14,11 +14,14 @@ import re
 import stat
 import threading
 import uuid as uuidlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mirrorpool.device.backups import BackupService
 from mirrorpool.device.catalog import Catalog, LuRecord
+from mirrorpool.device.triggers import TriggerService
+from mirrorpool.device.volumes import create_member_files, member_path, open_volume, save_volume
 from mirrorpool.errors import Conflict, DeviceBusy, InvalidRequest, NotFound
+from mirrorpool.mirror.volume import MirroredVolume
 from mirrorpool.store import FileStore, StoreError
 from mirrorpool.store.file import device_size
 
@@ -37,10 +40,11 @@ class Session:
     def disconnect(self) -> None: ...
 
 
-@dataclass
+@dataclass(eq=False)
 class LogicalUnit:
     record: LuRecord
     store: FileStore
+    volume: MirroredVolume
     sessions: set[Session] = field(default_factory=set)
 
     @property
@@ -64,10 +68,24 @@ class Device:
         self.catalog = Catalog(os.path.join(self.data_dir, "catalog.sqlite"))
         self._lock = threading.RLock()
         self._lus: dict[str, LogicalUnit] = {}
+        self.triggers = TriggerService(self)
+        self.backups = BackupService(self)
+        self.clean_start = self.catalog.get_meta("clean") != "0"
         for record in self.catalog.lus():
-            self._lus[record.name] = LogicalUnit(record, self._open_store(record))
-        self._listeners: list[Callable[[], None]] = []
+            store = self._open_store(record)
+            volume = open_volume(self.catalog, self.data_dir, record, store, self.clean_start)
+            self._attach_volume(volume)
+            self._lus[record.name] = LogicalUnit(record, store, volume)
+        self.catalog.set_meta("clean", "0")
+        if not self.clean_start:
+            log.warning("device was not stopped cleanly: active backups resync in full",
+                        extra={"data_dir": self.data_dir})
         log.info("device opened", extra={"data_dir": self.data_dir, "lus": len(self._lus)})
+
+    def _attach_volume(self, volume: MirroredVolume) -> None:
+        volume._persist = lambda v: save_volume(self.catalog, v)
+        volume.ensure_active()
+        volume.wake_resync()
 
     # ---------------------------------------------------------------- LUs
 
@@ -111,6 +129,7 @@ class Device:
                 raise Conflict(f"{backing} already backs another LU")
             lu_uuid = str(uuidlib.uuid4())
             path = backing or self._internal_path(lu_uuid)
+            indexes = list(range(pool))
             try:
                 if backing is None:
                     store = FileStore.create(path, size)
@@ -121,12 +140,20 @@ class Device:
                 raise InvalidRequest(f"cannot create the data file {path}: {exc.strerror}") from exc
             try:
                 record = self.catalog.add_lu(name, lu_uuid, size, pool, backing)
+                create_member_files(self.data_dir, record, indexes)
+                self.catalog.add_members(name, indexes)
             except Exception:
                 store.close()
+                self.catalog.remove_lu(name)
+                for idx in indexes:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(member_path(self.data_dir, lu_uuid, idx))
                 if backing is None:
                     os.unlink(path)
                 raise
-            lu = LogicalUnit(record, store)
+            volume = open_volume(self.catalog, self.data_dir, record, store, True)
+            self._attach_volume(volume)
+            lu = LogicalUnit(record, store, volume)
             self._lus[name] = lu
         log.info("LU created", extra={"lu": name, "size": size, "pool": pool})
         return lu
@@ -143,6 +170,11 @@ class Device:
             self.catalog.remove_lu(name)
         for session in list(lu.sessions):
             session.disconnect()
+        lu.volume.stop()
+        for member in lu.volume.members:
+            member.store.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(member.store.path)
         lu.store.close()
         if lu.record.backing is None:
             with contextlib.suppress(FileNotFoundError):
@@ -161,6 +193,8 @@ class Device:
                 )
             try:
                 lu.store.resize(size)
+                for member in lu.volume.members:
+                    member.store.resize(size)
             except StoreError as exc:
                 raise InvalidRequest(f"cannot grow LU {name!r}: {exc}") from exc
             self.catalog.set_lu_size(name, size)
@@ -190,11 +224,21 @@ class Device:
                 log.error("flush failed", extra={"lu": lu.name, "error": str(exc)})
 
     def close(self) -> None:
-        self.flush_all()
         with self._lock:
-            for lu in self._lus.values():
-                lu.store.close()
+            lus = list(self._lus.values())
+        for lu in lus:
+            lu.volume.stop()
+            lu.volume.flush()
+            for member in lu.volume.members:
+                member.store.flush()
+            save_volume(self.catalog, lu.volume)
+        for lu in lus:
+            for member in lu.volume.members:
+                member.store.close()
+            lu.store.close()
+        with self._lock:
             self._lus.clear()
+        self.catalog.set_meta("clean", "1")
         self.catalog.close()
         os.close(self._lock_fd)
 

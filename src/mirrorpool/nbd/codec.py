@@ -197,6 +197,8 @@ class ServerCodec:
     state: State = State.CLIENT_FLAGS
     no_zeroes: bool = False
     structured_replies: bool = False
+    # Commands whose length is followed by a payload (extensions may add to it).
+    payload_commands: frozenset[int] = frozenset({Cmd.WRITE})
     _buffer: bytearray = field(default_factory=bytearray)
     _payload_left: int = 0
 
@@ -247,7 +249,7 @@ class ServerCodec:
         if magic != REQUEST_MAGIC:
             self.state = State.CLOSED
             raise ProtocolError(f"bad request magic 0x{magic:08x}")
-        payload = length if typ == Cmd.WRITE else 0
+        payload = length if typ in self.payload_commands else 0
         if payload:
             self._payload_left = payload
             self._move(Payload)

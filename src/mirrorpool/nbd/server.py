@@ -11,6 +11,7 @@ request is copied or handed between threads.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -18,8 +19,16 @@ import threading
 from collections.abc import Callable
 
 from mirrorpool.device.device import Device
-from mirrorpool.device.exports import Export, list_exports, match_contexts, resolve_export
+from mirrorpool.device.exports import (
+    MUTATIONS,
+    TRIGGER_CONTEXT,
+    Export,
+    list_exports,
+    match_contexts,
+    resolve_export,
+)
 from mirrorpool.errors import MirrorpoolError
+from mirrorpool.mirror.volume import TriggerRefused
 from mirrorpool.nbd import codec as c
 from mirrorpool.nbd.constants import Cmd, CmdFlag, Errno, Info, Opt, Rep
 from mirrorpool.store import FastZeroUnsupported, StoreError
@@ -36,6 +45,18 @@ MAX_OPTIONS = 4096
 NEGOTIATION_TIMEOUT = 60.0
 MAX_EXTENTS = 1024
 _DRAIN_CHUNK = 1 << 20
+# Reply chunk type of the mirrorpool TRIGGER extension: a JSON answer.
+REPLY_TYPE_TRIGGER = 0x4D50
+_ADMITTED = MUTATIONS | {Cmd.TRIGGER}
+
+
+def error_code(exc: Exception) -> Errno:
+    """The NBD error a refusal becomes on the wire."""
+    if isinstance(exc, StoreError):
+        return exc.code
+    if isinstance(exc, TriggerRefused):
+        return Errno.ENOSPC
+    return Errno.EINVAL
 
 
 class ListenError(Exception):
@@ -168,6 +189,7 @@ class Connection:
         self._closing = False
         self._pending = b""  # bytes received during negotiation past its end
         self.export: Export | None = None
+        self.writes_primary = False
         self._contexts: dict[int, str] = {}
         self._context_export: str | None = None
 
@@ -304,7 +326,16 @@ class Connection:
     def _enter(self, export: Export) -> Export:
         if self._context_export != export.name:
             self._contexts = {}  # contexts chosen for another export do not apply
-        self.server.device.attach(export.lu, self)
+        export.attach()
+        if export.lu is not None:
+            try:
+                self.server.device.attach(export.lu, self)
+            except MirrorpoolError:
+                export.detach()
+                raise
+        self.writes_primary = export.writes_primary
+        if TRIGGER_CONTEXT in self._contexts.values():
+            self.codec.payload_commands = frozenset({Cmd.WRITE, Cmd.TRIGGER})
         self.codec.enter_transmission()
         self.export = export
         log.info("client connected", extra={"peer": self.peer, "export": export.name})
@@ -318,6 +349,8 @@ class Connection:
             read_only=export.read_only,
             max_payload=MAX_PAYLOAD,
             structured_replies=self.codec.structured_replies,
+            extra_commands=frozenset({Cmd.TRIGGER})
+            if TRIGGER_CONTEXT in self._contexts.values() else frozenset(),
         )
         try:
             workers = [
@@ -331,7 +364,9 @@ class Connection:
             for t in workers:
                 t.join()
         finally:
-            self.server.device.detach(export.lu, self)
+            if export.lu is not None:
+                self.server.device.detach(export.lu, self)
+            export.detach()
             log.info("client disconnected", extra={"peer": self.peer, "export": export.name})
 
     def _recv_exact(self, view: memoryview) -> None:
@@ -373,7 +408,15 @@ class Connection:
                     if cmd.type == Cmd.DISC:
                         self._closing = True
                         return
-                self._serve(cmd, view)
+                    verdict = c.check_command(cmd, self.limits)
+                    ticket = None
+                    if not verdict[0] and cmd.type in _ADMITTED:
+                        # Sequence numbers are given here, in the order requests arrived.
+                        try:
+                            ticket = self.export.admit(cmd, view[: cmd.payload_length])
+                        except (MirrorpoolError, StoreError) as exc:
+                            verdict = (error_code(exc), str(exc))
+                self._serve(cmd, view, verdict, ticket)
         except (_PeerClosed, OSError, c.ProtocolError):
             if reports_errors:
                 raise
@@ -401,20 +444,23 @@ class Connection:
                 rest = b"".join(bytes(p) for p in parts)[sent:]
                 self.sock.sendall(rest)
 
-    def _serve(self, cmd: c.Command, view: memoryview) -> None:
+    def _serve(
+        self, cmd: c.Command, view: memoryview, verdict: tuple[Errno, str], ticket: object
+    ) -> None:
         structured = self.limits.structured_replies
-        code, why = c.check_command(cmd, self.limits)
+        code, why = verdict
         if code:
             log.info("request refused", extra={"peer": self.peer, "cmd": cmd.type, "why": why})
             self._send(c.encode_error_reply(cmd.cookie, code, structured and cmd.type in
                                             (Cmd.READ, Cmd.BLOCK_STATUS), why))
             return
-        store = self.export.store  # type: ignore[union-attr]
+        export = self.export
+        assert export is not None
         typ = cmd.type
         try:
             if typ == Cmd.READ:
                 data = view[: cmd.length]
-                store.read_into(data, cmd.offset)
+                export.read_into(data, cmd.offset)
                 if structured:
                     self._send(c.encode_offset_data_header(cmd.cookie, cmd.offset, cmd.length),
                                data)
@@ -422,32 +468,31 @@ class Connection:
                     self._send(c.encode_simple_reply(cmd.cookie), data)
                 return
             if typ == Cmd.WRITE:
-                store.write(view[: cmd.length], cmd.offset, bool(cmd.flags & CmdFlag.FUA))
+                export.write(ticket, view[: cmd.length], cmd.offset, bool(cmd.flags & CmdFlag.FUA))
             elif typ == Cmd.FLUSH:
-                store.flush()
+                export.flush()
             elif typ == Cmd.TRIM:
-                store.trim(cmd.offset, cmd.length, bool(cmd.flags & CmdFlag.FUA))
+                export.trim(ticket, cmd)
             elif typ == Cmd.WRITE_ZEROES:
-                store.zero(
-                    cmd.offset,
-                    cmd.length,
-                    may_trim=not cmd.flags & CmdFlag.NO_HOLE,
-                    fast=bool(cmd.flags & CmdFlag.FAST_ZERO),
-                    fua=bool(cmd.flags & CmdFlag.FUA),
-                )
+                export.zero(ticket, cmd)
             elif typ == Cmd.CACHE:
-                store.cache(cmd.offset, cmd.length)
+                export.cache(cmd.offset, cmd.length)
             elif typ == Cmd.BLOCK_STATUS:
                 self._block_status(cmd)
+                return
+            elif typ == Cmd.TRIGGER:
+                answer = json.dumps(export.trigger(ticket)).encode()
+                self._send(c.encode_chunk_header(cmd.cookie, REPLY_TYPE_TRIGGER, len(answer)),
+                           answer)
                 return
             self._send(c.encode_simple_reply(cmd.cookie))
         except FastZeroUnsupported as exc:
             self._send(c.encode_simple_reply(cmd.cookie, exc.code))
         except (StoreError, MirrorpoolError) as exc:
-            code = exc.code if isinstance(exc, StoreError) else Errno.EINVAL
+            code = error_code(exc)
             log.error("request failed", extra={"peer": self.peer, "cmd": typ, "error": str(exc)})
             self._send(c.encode_error_reply(cmd.cookie, code, structured and typ in
-                                            (Cmd.READ, Cmd.BLOCK_STATUS), str(exc)))
+                                            (Cmd.READ, Cmd.BLOCK_STATUS, Cmd.TRIGGER), str(exc)))
 
     def _block_status(self, cmd: c.Command) -> None:
         export = self.export
@@ -456,14 +501,15 @@ class Connection:
         for context_id, name in self._contexts.items():
             source = export.contexts.get(name)
             if source is None:
-                continue
+                continue  # e.g. mirrorpool:trigger, which marks a capability, not data
             extents = source(cmd.offset, cmd.length)[:MAX_EXTENTS]
             if cmd.flags & CmdFlag.REQ_ONE:
                 extents = extents[:1]
             runs = [(e.length, int(e.flags)) for e in extents]
             chunks.append(c.encode_block_status(cmd.cookie, context_id, runs))
         if not chunks:
-            self._send(c.encode_error_chunk(cmd.cookie, Errno.EINVAL, "no meta context selected"))
+            self._send(c.encode_error_chunk(cmd.cookie, Errno.EINVAL,
+                                            "no queryable meta context selected"))
             return
         self._send(*chunks, c.encode_done(cmd.cookie))
 

@@ -1,0 +1,134 @@
+"""Triggers: one code path for every mechanism (trigger LU, special path, in-band, API).
+
+A trigger naming several LUs is a consistency group: the sequencer locks of
+all of them are held together while each gets its TRIGGER, so the cut is one
+point for all.  Locks are taken in name order, so two groups cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from mirrorpool.device.volumes import save_split
+from mirrorpool.errors import InvalidRequest
+from mirrorpool.mirror.pool import MemberState
+from mirrorpool.mirror.volume import SplitPlan, TriggerRefused
+
+if TYPE_CHECKING:
+    from mirrorpool.device.device import Device, LogicalUnit
+
+log = logging.getLogger("mirrorpool.trigger")
+
+MAX_LABEL = 256
+SOURCES = ("trigger-lu", "path", "in-band", "api", "cli", "restore", "link")
+
+
+def generation_info(lu: str, member, record=None) -> dict:  # type: ignore[no-untyped-def]
+    state = "splitting" if not member.split_done.is_set() else (
+        "syncing" if member.pending else "ready")
+    info = {
+        "lu": lu,
+        "gen": member.gen,
+        "member": member.idx,
+        "state": state,
+        "pinned": member.pinned,
+        "readers": member.readers,
+    }
+    if record is not None:
+        info.update(seq=record.seq, trigger_id=record.trigger_id, label=record.label,
+                    source=record.source, created=record.created)
+    return info
+
+
+def check_label(label: str) -> str:
+    if len(label.encode()) > MAX_LABEL:
+        raise InvalidRequest(f"label is longer than {MAX_LABEL} bytes")
+    if any(ord(ch) < 32 for ch in label):
+        raise InvalidRequest("label must not contain control characters")
+    return label
+
+
+@dataclass
+class PendingTrigger:
+    id: str
+    label: str
+    source: str
+    received_wall: float
+    received: float
+    lus: list[LogicalUnit] = field(default_factory=list)
+    plans: list[SplitPlan] = field(default_factory=list)
+    recycled: dict[str, list[int]] = field(default_factory=dict)
+
+
+class TriggerService:
+    def __init__(self, device: Device) -> None:
+        self.device = device
+
+    def trigger(self, names: list[str], label: str = "", source: str = "api") -> list[dict]:
+        """Split every named LU at one cut; answers the generations made, in name order."""
+        return self.complete(self.begin(names, label, source))
+
+    def begin(self, names: list[str], label: str = "", source: str = "api") -> PendingTrigger:
+        """Place the TRIGGER in each LU's sequence now; never waits for I/O."""
+        pending = PendingTrigger(uuid.uuid4().hex[:16], label, source, time.time(),
+                                 time.monotonic())
+        check_label(label)
+        if not names:
+            raise InvalidRequest("a trigger must name at least one LU")
+        unique = sorted(set(names))
+        pending.lus = [self.device.get_lu(name) for name in unique]  # NotFound if unknown
+        try:
+            with ExitStack() as stack:
+                for lu in pending.lus:
+                    stack.enter_context(lu.volume.seq.lock)
+                pending.plans = [lu.volume.plan_split() for lu in pending.lus]
+                for lu, plan in zip(pending.lus, pending.plans, strict=True):
+                    plan.received = pending.received
+                    pending.recycled[lu.name] = [
+                        m.gen for m in (plan.gen_member, plan.next_active)
+                        if m is not None and m.state is MemberState.GENERATION and m.gen is not None
+                    ]
+                    lu.volume.apply_split(plan)
+        except TriggerRefused as exc:
+            self.device.catalog.log_trigger(pending.id, unique, [], source, label,
+                                            pending.received_wall, "refused", str(exc))
+            log.warning("trigger refused", extra={"trigger": pending.id, "lus": ",".join(unique),
+                                                  "why": str(exc)})
+            raise
+        return pending
+
+    def complete(self, pending: PendingTrigger) -> list[dict]:
+        """Wait for the TRIGGER to reach the head of each queue, make it durable, answer."""
+        for plan in pending.plans:
+            plan.volume.finish_split(plan)  # readable from here on
+        for lu, plan in zip(pending.lus, pending.plans, strict=True):
+            save_split(self.device.catalog, lu.volume, plan, pending.id, pending.label,
+                       pending.source, pending.received_wall, pending.recycled[lu.name])
+        seqs = [plan.op.seq or 0 for plan in pending.plans if plan.op is not None]
+        names = [lu.name for lu in pending.lus]
+        self.device.catalog.log_trigger(pending.id, names, seqs, pending.source, pending.label,
+                                        pending.received_wall, "ok")
+        answers = []
+        for lu, plan in zip(pending.lus, pending.plans, strict=True):
+            answer = {
+                "lu": lu.name,
+                "gen": plan.gen,
+                "seq": plan.op.seq if plan.op else None,
+                "trigger_id": pending.id,
+                "label": pending.label,
+                "source": pending.source,
+                "created": pending.received_wall,
+                "member": plan.gen_member.idx,
+                "split_ms": round(lu.volume.split_latencies[-1] * 1000, 3)
+                if lu.volume.split_latencies else None,
+            }
+            lu.volume.last_trigger = answer
+            answers.append(answer)
+        log.info("trigger", extra={"trigger": pending.id, "lus": ",".join(names),
+                                   "source": pending.source, "seqs": ",".join(map(str, seqs))})
+        return answers

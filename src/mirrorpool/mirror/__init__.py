@@ -1,0 +1,1 @@
+"""Mirroring: the per-primary sequencer, changed-block tracking and the backup pool."""

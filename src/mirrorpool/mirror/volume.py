@@ -1,0 +1,444 @@
+"""A primary LU mirrored to its backup pool.
+
+Every mutation is admitted to the sequencer, marked in the change log and
+bound to the active backup of that moment; it is then applied to the primary
+and to that backup before the host's reply.  A split is a metadata step taken
+at the trigger's place in the sequence: the active backup freezes as a
+generation, the least recently used member becomes the active backup, and
+later mutations go there.  The new active backup copies, in the background,
+only the chunks written since its own split.  Chunks a frozen generation still
+lacks are kept by copy-before-write until its copy is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pyroaring import BitMap
+
+from mirrorpool.errors import Conflict, NotFound
+from mirrorpool.mirror.changes import CHUNK, ChangeLog, chunk_runs, chunk_span
+from mirrorpool.mirror.pool import Member, MemberState, recycle_order
+from mirrorpool.mirror.sequencer import Op, Sequencer
+from mirrorpool.nbd.constants import AllocationFlag
+from mirrorpool.store import Extent, FileStore, StoreError
+
+log = logging.getLogger("mirrorpool.mirror")
+
+COPY_RUN = 16  # chunks per background copy step (1 MiB)
+
+
+class TriggerRefused(Conflict):
+    """No consistent backup can be made now; nothing was changed."""
+
+
+@dataclass
+class SplitPlan:
+    volume: MirroredVolume
+    gen_member: Member
+    next_active: Member | None
+    op: Op | None = None
+    earlier: list[Op] | None = None
+    gen: int = 0
+    delta: BitMap | None = None
+    received: float = 0.0
+
+
+class MirroredVolume:
+    def __init__(
+        self,
+        name: str,
+        primary: FileStore,
+        members: list[Member],
+        changes: ChangeLog,
+        next_seq: int,
+        next_gen: int,
+        persist: Callable[[MirroredVolume], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.primary = primary
+        self.members = members
+        self.changes = changes
+        self.seq = Sequencer(next_seq)
+        self.next_gen = next_gen
+        self._persist = persist
+        self.active: Member | None = next(
+            (m for m in members if m.state is MemberState.ACTIVE), None
+        )
+        for m in members:
+            if m.state is MemberState.GENERATION:
+                m.split_done.set()
+        self._cow: list[Member] = [
+            m for m in members if m.state is MemberState.GENERATION and m.pending
+        ]
+        self._copy_wanted = threading.Condition()
+        self._stopping = False
+        self._copied_bytes = 0
+        self._copy_started = 0.0
+        self.split_latencies: list[float] = []
+        self.last_trigger: dict | None = None
+        self._resync = threading.Thread(target=self._resync_loop, name=f"resync-{name}",
+                                        daemon=True)
+        self._resync.start()
+
+    @property
+    def size(self) -> int:
+        return self.primary.size
+
+    # ------------------------------------------------------------ data path
+
+    def begin(self, offset: int, length: int) -> Op:
+        """Admit a mutation; call where the request was received whole, in order.
+
+        The order is kept per whole chunk, because copy-before-write and resync
+        copy whole chunks.
+        """
+        first, stop = chunk_span(offset, length)
+        return self.seq.admit(first * CHUNK, stop * CHUNK, "write", True, self._on_admit)
+
+    def _on_admit(self, op: Op) -> None:
+        self.changes.open.add_range(op.start // CHUNK, op.end // CHUNK)
+        op.target = self.active
+
+    def write(self, op: Op, data: memoryview | bytes, offset: int, fua: bool = False) -> None:
+        self.seq.wait(op)
+        try:
+            if self._cow:
+                self._copy_before_write(op)
+            self.primary.write(data, offset, fua)
+            target = op.target
+            if target is not None:
+                try:
+                    target.store.write(data, offset, fua)  # type: ignore[attr-defined]
+                except StoreError as exc:
+                    self._member_failed(target, exc)  # type: ignore[arg-type]
+        finally:
+            self.seq.finish(op)
+
+    def zero(
+        self, op: Op, offset: int, length: int, may_trim: bool = True, fast: bool = False,
+        fua: bool = False,
+    ) -> None:
+        self._apply(op, lambda s: s.zero(offset, length, may_trim, fast, fua))
+
+    def trim(self, op: Op, offset: int, length: int, fua: bool = False) -> None:
+        # A trimmed range reads as zeros on every copy, so primary and backup stay equal.
+        self._apply(op, lambda s: s.zero(offset, length, True, False, fua))
+
+    def _apply(self, op: Op, action: Callable[[FileStore], None]) -> None:
+        self.seq.wait(op)
+        try:
+            if self._cow:
+                self._copy_before_write(op)
+            action(self.primary)
+            target = op.target
+            if target is not None:
+                try:
+                    action(target.store)  # type: ignore[attr-defined]
+                except StoreError as exc:
+                    self._member_failed(target, exc)  # type: ignore[arg-type]
+        finally:
+            self.seq.finish(op)
+
+    def abandon(self, op: Op) -> None:
+        """A mutation admitted but refused before it touched anything."""
+        self.seq.finish(op)
+
+    def flush(self) -> None:
+        self.primary.flush()
+        active = self.active
+        if active is not None:
+            try:
+                active.store.flush()
+            except StoreError as exc:
+                self._member_failed(active, exc)
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        self.primary.read_into(buf, offset)
+
+    def _member_failed(self, member: Member, exc: StoreError) -> None:
+        with self.seq.lock:
+            if member.state is MemberState.FAILED:
+                return
+            log.error("backup member failed", extra={"lu": self.name, "member": member.idx,
+                                                     "error": str(exc)})
+            member.state = MemberState.FAILED
+            member.gen = None
+            if self.active is member:
+                self.active = None
+        self._save()
+
+    # ------------------------------------------------------------ copy-before-write
+
+    def _copy_before_write(self, op: Op) -> None:
+        first, stop = op.start // CHUNK, op.end // CHUNK
+        for member in list(self._cow):
+            frozen = member.frozen_seq
+            if op.seq is not None and frozen is not None and op.seq < frozen:
+                continue  # a mutation from before the split belongs in the generation
+            wanted = member.pending.intersection(BitMap(range(first, stop)))
+            if wanted:
+                self._copy_chunks(member, wanted)
+
+    def _copy_chunks(self, member: Member, chunks: BitMap) -> None:
+        """Copy chunks from the primary into ``member``; the caller holds their order."""
+        for first, count in chunk_runs(chunks):
+            start = first * CHUNK
+            length = min(count * CHUNK, self.size - start)
+            for ext in self.primary.extents(start, length):
+                if ext.flags & AllocationFlag.HOLE:
+                    member.store.zero(ext.offset, ext.length, may_trim=True)
+                else:
+                    buf = bytearray(ext.length)
+                    self.primary.read_into(memoryview(buf), ext.offset)
+                    member.store.write(buf, ext.offset)
+            member.pending.remove_range(first, first + count)
+            self._copied_bytes += length
+        if not member.pending:
+            self._sync_complete(member)
+
+    def _sync_complete(self, member: Member) -> None:
+        with self.seq.lock:
+            if member in self._cow:
+                self._cow.remove(member)
+        log.info("backup in sync" if member.state is MemberState.ACTIVE else "generation complete",
+                 extra={"lu": self.name, "member": member.idx, "gen": member.gen})
+
+    # ------------------------------------------------------------ split
+
+    def plan_split(self) -> SplitPlan:
+        """Choose the members of a split; the caller holds ``self.seq.lock``."""
+        if not self.members:
+            raise TriggerRefused(f"LU {self.name!r} has no backup pool (pool 0): nothing to split")
+        gen_member = self.active
+        if gen_member is None:
+            order = recycle_order(self.members)
+            if not order:
+                reasons = "; ".join(m.why_kept() for m in self.members)
+                raise TriggerRefused(
+                    f"LU {self.name!r}: no backup can be recycled to hold the copy ({reasons})"
+                )
+            gen_member = order[0]
+        others = recycle_order(self.members, exclude=gen_member)
+        next_active = others[0] if others else None
+        if next_active is None and len(self.members) > 1:
+            reasons = "; ".join(m.why_kept() for m in self.members if m is not gen_member)
+            raise TriggerRefused(
+                f"LU {self.name!r}: no pool member can take over as active backup ({reasons});"
+                " unpin a generation, close its export or grow the pool"
+            )
+        return SplitPlan(self, gen_member, next_active)
+
+    def apply_split(self, plan: SplitPlan) -> None:
+        """Take the split at this exact point of the sequence (``self.seq.lock`` held)."""
+        op, earlier = self.seq.admit_barrier()
+        plan.op, plan.earlier = op, earlier
+        member = plan.gen_member
+        if member is not self.active:
+            member.pending |= self._differs(member)
+        plan.gen = self.next_gen
+        self.next_gen += 1
+        plan.delta = self.changes.close(plan.gen)
+        member.state = MemberState.GENERATION
+        member.gen = plan.gen
+        member.frozen_seq = op.seq
+        member.last_used = op.seq or 0
+        member.split_done = threading.Event()
+        if member.pending and member not in self._cow:
+            self._cow.append(member)
+        nxt = plan.next_active
+        if nxt is not None:
+            nxt.pending |= self._differs(nxt)
+            nxt.state = MemberState.ACTIVE
+            nxt.gen = None
+            nxt.frozen_seq = None
+            nxt.copy_total = len(nxt.pending)
+            if nxt in self._cow:
+                self._cow.remove(nxt)
+        self.active = nxt
+
+    def finish_split(self, plan: SplitPlan) -> None:
+        """Wait (without blocking other I/O) until the TRIGGER reaches the queue's head."""
+        for dep in plan.earlier or []:
+            if not dep.finished:
+                dep.event.wait()  # type: ignore[union-attr]
+        plan.gen_member.split_done.set()
+        self.split_latencies.append(time.monotonic() - plan.received)
+        del self.split_latencies[:-1000]
+        self.wake_resync()
+
+    def ensure_active(self) -> bool:
+        """Give an unmirrored primary an active backup, from blank or failed members only."""
+        with self.seq.lock:
+            if self.active is not None:
+                return False
+            blank = [m for m in recycle_order(self.members)
+                     if m.state in (MemberState.SPARE, MemberState.FAILED)]
+            if not blank:
+                return False
+            member = blank[0]
+            member.pending = self._differs(member)
+            member.copy_total = len(member.pending)
+            member.state = MemberState.ACTIVE
+            member.gen = None
+            member.frozen_seq = None
+            self.active = member
+        log.info("active backup chosen", extra={"lu": self.name, "member": member.idx,
+                                                 "chunks_to_copy": member.copy_total})
+        self._save()
+        self.wake_resync()
+        return True
+
+    def _differs(self, member: Member) -> BitMap:
+        """Chunks where ``member`` may differ from the primary now."""
+        nchunks = (self.size + CHUNK - 1) // CHUNK
+        if member.state is MemberState.FAILED:
+            return BitMap(range(nchunks))
+        if member.state is MemberState.SPARE:
+            allocated = BitMap()
+            for ext in self.primary.extents(0, self.size):
+                if not ext.flags & AllocationFlag.HOLE:
+                    first, stop = chunk_span(ext.offset, ext.length)
+                    allocated.add_range(first, stop)
+            return allocated | self.changes.since(None)
+        return self.changes.since(member.gen) | member.pending
+
+    # ------------------------------------------------------------ generations
+
+    def member_of(self, gen: int) -> Member:
+        for m in self.members:
+            if m.state is MemberState.GENERATION and m.gen == gen:
+                return m
+        raise NotFound(f"LU {self.name!r} has no generation {gen}")
+
+    def generation_view(self, gen: int) -> GenerationView:
+        return GenerationView(self, self.member_of(gen))
+
+    def live_generations(self) -> list[Member]:
+        gens = [m for m in self.members if m.state is MemberState.GENERATION]
+        return sorted(gens, key=lambda m: m.gen or 0)
+
+    def changed_since(self, gen: int) -> BitMap:
+        self.member_of(gen)
+        return self.changes.since(gen)
+
+    def changed_between(self, older: int, newer: int) -> BitMap:
+        if older > newer:
+            older, newer = newer, older
+        self.member_of(older)
+        self.member_of(newer)
+        return self.changes.between(older, newer)
+
+    # ------------------------------------------------------------ resync
+
+    def wake_resync(self) -> None:
+        with self._copy_wanted:
+            self._copy_wanted.notify()
+
+    def _next_copy(self) -> tuple[Member, BitMap] | None:
+        """Frozen generations first (they tax host writes with copy-before-write)."""
+        with self.seq.lock:
+            for member in [*self._cow, self.active]:
+                if member is not None and member.pending:
+                    first = member.pending.min()
+                    return member, BitMap(range(first, first + COPY_RUN)) & member.pending
+        return None
+
+    def _resync_loop(self) -> None:
+        while not self._stopping:
+            job = self._next_copy()
+            if job is None:
+                with self._copy_wanted:
+                    if not self._stopping:
+                        self._copy_wanted.wait(1.0)
+                continue
+            member, run = job
+            if not self._copy_started:
+                self._copy_started = time.monotonic()
+            op = self.seq.admit(run.min() * CHUNK, (run.max() + 1) * CHUNK, "copy", False)
+            self.seq.wait(op)
+            try:
+                still = run & member.pending
+                if still and member.state in (MemberState.ACTIVE, MemberState.GENERATION):
+                    self._copy_chunks(member, still)
+            except StoreError as exc:
+                self._member_failed(member, exc)
+            finally:
+                self.seq.finish(op)
+            if not member.pending:
+                self._save()
+
+    def resync_progress(self, member: Member) -> dict:
+        total = max(member.copy_total, len(member.pending))
+        left = len(member.pending)
+        elapsed = time.monotonic() - self._copy_started if self._copy_started else 0.0
+        rate = self._copied_bytes / elapsed if elapsed > 0 else 0.0
+        eta = (left * CHUNK / rate) if rate > 0 and left else 0.0
+        return {
+            "chunks_total": total,
+            "chunks_left": left,
+            "percent": 100.0 if total == 0 else round(100.0 * (total - left) / total, 1),
+            "rate_bytes_per_s": round(rate),
+            "eta_seconds": round(eta, 1),
+        }
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.wake_resync()
+        self._resync.join(10)
+
+    def _save(self) -> None:
+        if self._persist is not None:
+            self._persist(self)
+
+
+class GenerationView:
+    """A generation, read-only, exact even while its own copy is still running."""
+
+    def __init__(self, volume: MirroredVolume, member: Member) -> None:
+        self.volume = volume
+        self.member = member
+
+    @property
+    def size(self) -> int:
+        return self.volume.size
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        member = self.member
+        member.split_done.wait()
+        if not member.pending:
+            member.store.read_into(buf, offset)
+            return
+        volume = self.volume
+        first, stop = chunk_span(offset, len(buf))
+        op = volume.seq.admit(first * CHUNK, stop * CHUNK, "generation-read", numbered=False)
+        volume.seq.wait(op)
+        try:
+            pos = offset
+            end = offset + len(buf)
+            while pos < end:
+                c = pos // CHUNK
+                stop = min((c + 1) * CHUNK, end)
+                source = volume.primary if c in member.pending else member.store
+                source.read_into(buf[pos - offset : stop - offset], pos)
+                pos = stop
+        finally:
+            volume.seq.finish(op)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        member = self.member
+        member.split_done.wait()
+        if member.pending:
+            end = min(offset + length, self.size)
+            return [Extent(offset, end - offset, AllocationFlag(0))]
+        return member.store.extents(offset, length)
+
+    def flush(self) -> None:
+        pass
+
+    def cache(self, offset: int, length: int) -> None:
+        pass

@@ -1,0 +1,247 @@
+"""A small blocking NBD client: what the CLI and device links need, and the TRIGGER extension.
+
+Requests are sent one at a time and answered in order, which is enough for
+copying and triggering.  It speaks fixed newstyle with NBD_OPT_GO, structured
+replies and meta contexts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import struct
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote, urlparse
+
+from mirrorpool.nbd.codec import (
+    OPTION_REPLY,
+    REQUEST_HEADER,
+    SIMPLE_REPLY,
+    STRUCTURED_HEADER,
+)
+from mirrorpool.nbd.constants import (
+    IHAVEOPT,
+    NBDMAGIC,
+    OPTION_REPLY_MAGIC,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    ClientFlag,
+    Cmd,
+    CmdFlag,
+    Errno,
+    Info,
+    Opt,
+    Rep,
+    ReplyType,
+)
+
+TRIGGER_CONTEXT = "mirrorpool:trigger"
+REPLY_TYPE_TRIGGER = 0x4D50
+
+
+class NbdError(Exception):
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str | None
+    port: int
+    socket_path: str | None
+    export: str
+
+
+def parse_uri(uri: str) -> Address:
+    """nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH."""
+    parsed = urlparse(uri)
+    export = unquote(parsed.path[1:]) if parsed.path.startswith("/") else unquote(parsed.path)
+    if parsed.scheme == "nbd":
+        return Address(parsed.hostname or "127.0.0.1", parsed.port or 10809, None, export)
+    if parsed.scheme == "nbd+unix":
+        path = parse_qs(parsed.query).get("socket", [None])[0]
+        if not path:
+            raise NbdError(f"{uri}: nbd+unix needs ?socket=PATH")
+        return Address(None, 0, path, export)
+    raise NbdError(f"{uri}: not an nbd:// or nbd+unix:// URI")
+
+
+class NbdClient:
+    def __init__(self, uri: str, contexts: tuple[str, ...] = (), timeout: float = 60) -> None:
+        addr = parse_uri(uri)
+        if addr.socket_path:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(addr.socket_path)
+        else:
+            self.sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.export = addr.export
+        self.contexts: dict[int, str] = {}
+        self._cookie = 0
+        try:
+            self._handshake(contexts)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    # ------------------------------------------------------------ handshake
+
+    def _recv(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        while view:
+            got = self.sock.recv_into(view)
+            if not got:
+                raise NbdError("server closed the connection")
+            view = view[got:]
+        return bytes(buf)
+
+    def _option(self, option: int, data: bytes = b"") -> None:
+        self.sock.sendall(struct.pack(">QII", IHAVEOPT, option, len(data)) + data)
+
+    def _option_reply(self, option: int) -> tuple[int, bytes]:
+        magic, opt, reply, length = OPTION_REPLY.unpack(self._recv(OPTION_REPLY.size))
+        if magic != OPTION_REPLY_MAGIC or opt != option:
+            raise NbdError("bad option reply from server")
+        return reply, self._recv(length)
+
+    def _handshake(self, contexts: tuple[str, ...]) -> None:
+        magic, ihaveopt, _flags = struct.unpack(">QQH", self._recv(18))
+        if magic != NBDMAGIC or ihaveopt != IHAVEOPT:
+            raise NbdError("not an NBD newstyle server")
+        self.sock.sendall(struct.pack(">I", ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES))
+        self._option(Opt.STRUCTURED_REPLY)
+        reply, _ = self._option_reply(Opt.STRUCTURED_REPLY)
+        self.structured = reply == Rep.ACK
+        name = self.export.encode()
+        if contexts and self.structured:
+            body = struct.pack(">I", len(name)) + name + struct.pack(">I", len(contexts))
+            for ctx in contexts:
+                body += struct.pack(">I", len(ctx)) + ctx.encode()
+            self._option(Opt.SET_META_CONTEXT, body)
+            while True:
+                reply, data = self._option_reply(Opt.SET_META_CONTEXT)
+                if reply == Rep.META_CONTEXT:
+                    (ctx_id,) = struct.unpack(">I", data[:4])
+                    self.contexts[ctx_id] = data[4:].decode()
+                elif reply == Rep.ACK:
+                    break
+                else:
+                    raise NbdError(f"server refused meta contexts: {data.decode(errors='replace')}")
+        self._option(Opt.GO, struct.pack(">I", len(name)) + name + struct.pack(">HH", 1,
+                                                                                 Info.BLOCK_SIZE))
+        while True:
+            reply, data = self._option_reply(Opt.GO)
+            if reply == Rep.ACK:
+                break
+            if reply == Rep.INFO:
+                (info,) = struct.unpack(">H", data[:2])
+                if info == Info.EXPORT:
+                    self.size, self.flags = struct.unpack(">QH", data[2:12])
+                continue
+            raise NbdError(
+                f"export {self.export!r}: {data.decode(errors='replace') or 'refused'}", reply
+            )
+
+    @property
+    def can_trigger(self) -> bool:
+        return TRIGGER_CONTEXT in self.contexts.values()
+
+    # ------------------------------------------------------------ transmission
+
+    def _request(self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0,
+                 payload: bytes | memoryview = b"") -> int:
+        self._cookie += 1
+        header = REQUEST_HEADER.pack(REQUEST_MAGIC, flags, cmd, self._cookie, offset, length)
+        self.sock.sendall(header)
+        if payload:
+            self.sock.sendall(payload)
+        return self._cookie
+
+    def _replies(self, cookie: int, into: memoryview | None = None,
+                 base: int = 0) -> list[tuple[int, bytes]]:
+        """Read the reply to ``cookie``; data chunks land in ``into``; returns other chunks."""
+        chunks: list[tuple[int, bytes]] = []
+        while True:
+            (magic,) = struct.unpack(">I", self._recv(4))
+            if magic == SIMPLE_REPLY_MAGIC:
+                error, got = struct.unpack(">IQ", self._recv(SIMPLE_REPLY.size - 4))
+                if got != cookie:
+                    raise NbdError("reply out of order")
+                if error:
+                    raise NbdError(f"server error {Errno(error).name}", error)
+                if into is not None:
+                    into[:] = self._recv(len(into))
+                return chunks
+            if magic != STRUCTURED_REPLY_MAGIC:
+                raise NbdError(f"bad reply magic 0x{magic:x}")
+            flags, typ, got, length = struct.unpack(">HHQI", self._recv(STRUCTURED_HEADER.size - 4))
+            body = self._recv(length)
+            if got != cookie:
+                raise NbdError("reply out of order")
+            if typ == ReplyType.OFFSET_DATA and into is not None:
+                (off,) = struct.unpack(">Q", body[:8])
+                into[off - base : off - base + length - 8] = body[8:]
+            elif typ == ReplyType.OFFSET_HOLE and into is not None:
+                off, n = struct.unpack(">QI", body[:12])
+                into[off - base : off - base + n] = bytes(n)
+            elif typ & (1 << 15):
+                error, mlen = struct.unpack(">IH", body[:6])
+                message = body[6 : 6 + mlen].decode(errors="replace")
+                raise NbdError(message or f"server error {error}", error)
+            elif typ != ReplyType.NONE:
+                chunks.append((typ, body))
+            if flags & 1:
+                return chunks
+
+    def pread(self, length: int, offset: int) -> bytes:
+        buf = bytearray(length)
+        self.pread_into(memoryview(buf), offset)
+        return bytes(buf)
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        cookie = self._request(Cmd.READ, offset, len(buf))
+        self._replies(cookie, buf, offset)
+
+    def pwrite(self, data: bytes | memoryview, offset: int, fua: bool = False) -> None:
+        cookie = self._request(Cmd.WRITE, offset, len(data), CmdFlag.FUA if fua else 0, data)
+        self._replies(cookie)
+
+    def flush(self) -> None:
+        self._replies(self._request(Cmd.FLUSH))
+
+    def block_status(self, length: int, offset: int) -> dict[str, list[tuple[int, int]]]:
+        cookie = self._request(Cmd.BLOCK_STATUS, offset, length)
+        out: dict[str, list[tuple[int, int]]] = {}
+        for typ, body in self._replies(cookie):
+            if typ == ReplyType.BLOCK_STATUS:
+                (ctx,) = struct.unpack(">I", body[:4])
+                runs = [struct.unpack(">II", body[i : i + 8]) for i in range(4, len(body), 8)]
+                out[self.contexts.get(ctx, str(ctx))] = runs
+        return out
+
+    def trigger(self, label: str = "") -> dict:
+        """The in-band TRIGGER: ordered after every write this connection sent before it."""
+        if not self.can_trigger:
+            raise NbdError(f"the server did not agree to {TRIGGER_CONTEXT}")
+        payload = label.encode()
+        cookie = self._request(Cmd.TRIGGER, 0, len(payload), 0, payload)
+        for typ, body in self._replies(cookie):
+            if typ == REPLY_TYPE_TRIGGER:
+                return json.loads(body)
+        raise NbdError("trigger answered without a generation")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._request(Cmd.DISC)
+        self.sock.close()
+
+    def __enter__(self) -> NbdClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
