@@ -57,7 +57,7 @@ def target(request: pytest.FixtureRequest, device: DeviceProcess) -> Iterator[Ta
     if request.param == "mirrorpool":
         name = device.create_lu("64M", pool=0)
         yield Target("mirrorpool", device.uri(name), size)
-        device.cli("lu", "delete", name, "--force")
+        device.delete_lu(name)
     else:
         need("nbdkit")
         kit = NbdkitProcess(["memory", str(size)]).start()

@@ -99,15 +99,16 @@ class RunningDevice:
 
 
 def serve(config: ServeConfig) -> None:
-    running = RunningDevice(config)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: object) -> None:
         log.info("signal received", extra={"signal": signal.Signals(signum).name})
         stop.set()
 
+    # Installed first: a stop asked for during start-up is honoured once started.
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    running = RunningDevice(config)
     running.start()
     try:
         while not stop.wait(3600):

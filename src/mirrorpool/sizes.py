@@ -1,6 +1,7 @@
 """Human sizes: 64M, 1.5G, 4096."""
 
 import re
+from decimal import Decimal
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -14,16 +15,19 @@ def parse_size(text: str | int) -> int:
     if not match:
         raise ValueError(f"{text!r} is not a size (use a number with K, M, G or T, e.g. 64M)")
     number, unit = match.groups()
-    value = float(number) * _UNITS[unit.upper()]
-    if value != int(value):
+    value = Decimal(number) * _UNITS[unit.upper()]
+    if value != value.to_integral_value():
         raise ValueError(f"{text!r} is not a whole number of bytes")
     return int(value)
 
 
 def format_size(n: int) -> str:
-    for unit in ("T", "G", "M", "K"):
+    """Short and exact: 64M, 1.5G, 1025K, 513B (one decimal at most)."""
+    for unit in ("P", "T", "G", "M", "K"):
         scale = _UNITS[unit]
-        if n >= scale and n % (scale // 1024 or 1) == 0:
-            value = n / scale
-            return f"{value:.1f}{unit}".replace(".0" + unit, unit)
+        if n >= scale:
+            if n % scale == 0:
+                return f"{n // scale}{unit}"
+            if (n * 10) % scale == 0:
+                return f"{n * 10 // scale / 10:.1f}{unit}"
     return f"{n}B"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import typer
 from rich.table import Table
 
@@ -21,10 +23,23 @@ def status_command(api: ApiOption = DEFAULT_API, as_json: JsonOption = False) ->
         f"connections {status['connections']}",
         highlight=False,
     )
-    table = Table("LU", "size", "pool", "connections", "backing")
+    table = Table("LU", "size", "pool", "active", "state", "generations", "last trigger",
+                  "connections")
     for lu in status["lus"]:
+        mirror = lu.get("mirror") or {}
+        state = mirror.get("active_state", "")
+        sync = mirror.get("sync") or {}
+        if state == "syncing" and sync:
+            state += f" {sync['percent']}% eta {sync['eta_seconds']}s"
+        last = mirror.get("last_trigger") or {}
+        last_text = (
+            f"gen {last['gen']} {time.strftime('%H:%M:%S', time.localtime(last['created']))}"
+            if last else ""
+        )
+        active = mirror.get("active_member")
         table.add_row(lu["name"], format_size(lu["size"]), str(lu["pool"]),
-                      str(lu["connections"]), lu["backing"] or "internal")
+                      "" if active is None else f"member {active}", state,
+                      str(mirror.get("generations", 0)), last_text, str(lu["connections"]))
     console.print(table)
 
 

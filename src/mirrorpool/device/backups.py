@@ -175,12 +175,10 @@ class BackupService:
                         " generations stay)"
                     )
                 gone = removable[:need]
-                for member in gone:
-                    volume.members.remove(member)
+                volume.remove_members(gone)
                 device.catalog.remove_members(name, [m.idx for m in gone])
                 device.catalog.mark_recycled(name, [m.gen for m in gone if m.gen is not None])
                 for member in gone:
-                    member.store.close()
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(member.store.path)
             device.catalog.set_pool_size(name, size)

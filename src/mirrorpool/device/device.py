@@ -36,6 +36,8 @@ class Session:
     """What the device needs of a host connection: a way to end it."""
 
     peer: str
+    finished: threading.Event
+    writes_primary: bool
 
     def disconnect(self) -> None: ...
 
@@ -107,7 +109,7 @@ class Device:
     def create_lu(
         self, name: str, size: int | None, pool: int = 3, backing: str | None = None
     ) -> LogicalUnit:
-        if not LU_NAME_RE.match(name):
+        if not LU_NAME_RE.fullmatch(name):
             raise InvalidRequest(
                 f"{name!r} is not a valid LU name: use 1 to 64 letters, digits, '.', '_' or '-',"
                 " starting with a letter or digit"
@@ -118,8 +120,7 @@ class Device:
             size = self._check_backing(backing, size)
         if size is None:
             raise InvalidRequest("a size is needed (for example --size 64M)")
-        if size <= 0 or size % SECTOR:
-            raise InvalidRequest(f"size {size} must be a positive multiple of {SECTOR} bytes")
+        _check_size(size)
         with self._lock:
             if name in self._lus:
                 raise Conflict(f"an LU named {name!r} already exists")
@@ -136,8 +137,9 @@ class Device:
                 else:
                     store = FileStore(path, None)
                     store.resize(size)
-            except OSError as exc:
-                raise InvalidRequest(f"cannot create the data file {path}: {exc.strerror}") from exc
+            except (OSError, StoreError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else str(exc)
+                raise InvalidRequest(f"cannot create the data file {path}: {why}") from exc
             try:
                 record = self.catalog.add_lu(name, lu_uuid, size, pool, backing)
                 create_member_files(self.data_dir, record, indexes)
@@ -170,6 +172,9 @@ class Device:
             self.catalog.remove_lu(name)
         for session in list(lu.sessions):
             session.disconnect()
+        for session in list(lu.sessions):
+            # requests in flight must be done before their descriptors close
+            session.finished.wait(10)
         lu.volume.stop()
         for member in lu.volume.members:
             member.store.close()
@@ -184,19 +189,20 @@ class Device:
     def resize_lu(self, name: str, size: int) -> LogicalUnit:
         with self._lock:
             lu = self.get_lu(name)
-            if size % SECTOR:
-                raise InvalidRequest(f"size {size} must be a multiple of {SECTOR} bytes")
             if size < lu.size:
                 raise InvalidRequest(
                     f"LU {name!r} is {lu.size} bytes; shrinking to {size} would lose data"
                     " (only growing is supported)"
                 )
+            _check_size(size)
             try:
                 lu.store.resize(size)
                 for member in lu.volume.members:
                     member.store.resize(size)
             except StoreError as exc:
                 raise InvalidRequest(f"cannot grow LU {name!r}: {exc}") from exc
+            except OSError as exc:
+                raise InvalidRequest(f"cannot grow LU {name!r}: {exc.strerror}") from exc
             self.catalog.set_lu_size(name, size)
             lu.record = LuRecord(**{**lu.record.__dict__, "size": size})
         log.info("LU resized", extra={"lu": name, "size": size})
@@ -253,6 +259,8 @@ class Device:
 
     @staticmethod
     def _check_backing(backing: str, size: int | None) -> int:
+        if "\0" in backing:
+            raise InvalidRequest("--backing contains a NUL character")
         if not os.path.isabs(backing):
             raise InvalidRequest(f"--backing needs an absolute path, not {backing!r}")
         try:
@@ -269,6 +277,17 @@ class Device:
         if stat.S_ISBLK(st.st_mode) and size > actual:
             raise InvalidRequest(f"{backing} holds {actual} bytes, less than {size}")
         return size
+
+
+# Far above any real LU, and within what the kernel's off_t and file systems accept.
+MAX_LU_SIZE = 1 << 50
+
+
+def _check_size(size: int) -> None:
+    if size <= 0 or size % SECTOR:
+        raise InvalidRequest(f"size {size} must be a positive multiple of {SECTOR} bytes")
+    if size > MAX_LU_SIZE:
+        raise InvalidRequest(f"size {size} is over the limit of {MAX_LU_SIZE} bytes (1P)")
 
 
 def _lock_data_dir(data_dir: str) -> int:

@@ -77,6 +77,8 @@ class MirroredVolume:
         ]
         self._copy_wanted = threading.Condition()
         self._stopping = False
+        # Operators may hold resync back (e.g. at peak load); exactness does not depend on it.
+        self.resync_paused = False
         self._copied_bytes = 0
         self._copy_started = 0.0
         self.split_latencies: list[float] = []
@@ -168,6 +170,9 @@ class MirroredVolume:
                                                      "error": str(exc)})
             member.state = MemberState.FAILED
             member.gen = None
+            member.pending = BitMap()  # a failed member is copied in full when reused
+            if member in self._cow:
+                self._cow.remove(member)
             if self.active is member:
                 self.active = None
         self._save()
@@ -271,6 +276,20 @@ class MirroredVolume:
         del self.split_latencies[:-1000]
         self.wake_resync()
 
+    def remove_members(self, members: list[Member]) -> None:
+        """Take members out of the pool; closes them once no work in flight uses them."""
+        with self.seq.lock:
+            for member in members:
+                self.members.remove(member)
+                if member in self._cow:
+                    self._cow.remove(member)
+            _, earlier = self.seq.admit_barrier()
+        for op in earlier:
+            if not op.finished:
+                op.event.wait()  # type: ignore[union-attr]
+        for member in members:
+            member.store.close()
+
     def ensure_active(self) -> bool:
         """Give an unmirrored primary an active backup, from blank or failed members only."""
         with self.seq.lock:
@@ -335,6 +354,10 @@ class MirroredVolume:
 
     # ------------------------------------------------------------ resync
 
+    def pause_resync(self, paused: bool) -> None:
+        self.resync_paused = paused
+        self.wake_resync()
+
     def wake_resync(self) -> None:
         with self._copy_wanted:
             self._copy_wanted.notify()
@@ -350,7 +373,7 @@ class MirroredVolume:
 
     def _resync_loop(self) -> None:
         while not self._stopping:
-            job = self._next_copy()
+            job = None if self.resync_paused else self._next_copy()
             if job is None:
                 with self._copy_wanted:
                     if not self._stopping:
@@ -367,6 +390,9 @@ class MirroredVolume:
                     self._copy_chunks(member, still)
             except StoreError as exc:
                 self._member_failed(member, exc)
+            except Exception:
+                log.exception("resync step failed", extra={"lu": self.name, "member": member.idx})
+                time.sleep(1.0)  # do not spin on a persistent fault
             finally:
                 self.seq.finish(op)
             if not member.pending:

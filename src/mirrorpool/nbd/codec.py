@@ -302,7 +302,7 @@ class ServerCodec:
             return NEED_DATA
         (raw,) = struct.unpack(">I", self._buffer[:4])
         del self._buffer[:4]
-        known = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
+        known = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
         if raw & ~known or not raw & ClientFlag.FIXED_NEWSTYLE:
             self.state = State.CLOSED
             raise ProtocolError(f"unsupported client flags 0x{raw:08x}")
@@ -325,7 +325,11 @@ class ServerCodec:
             return NEED_DATA
         data = bytes(self._buffer[OPTION_HEADER.size : end])
         del self._buffer[:end]
-        event = _parse_option(option, data)
+        try:
+            event = _parse_option(option, data)
+        except ProtocolError:
+            self.state = State.CLOSED
+            raise
         if isinstance(event, StructuredReplyOption):
             self.structured_replies = True
         self._move(type(event))
@@ -450,8 +454,13 @@ def encode_offset_data_header(cookie: int, offset: int, length: int) -> bytes:
     )
 
 
+def limit_text(message: str, limit: int = MAX_STRING_LENGTH) -> bytes:
+    """UTF-8 of ``message``, cut to ``limit`` bytes at a character boundary."""
+    return message.encode()[:limit].decode("utf-8", errors="ignore").encode()
+
+
 def encode_error_chunk(cookie: int, error: int, message: str = "") -> bytes:
-    text = message.encode()[:4096]
+    text = limit_text(message)
     body = struct.pack(">IH", error, len(text)) + text
     return encode_chunk_header(cookie, ReplyType.ERROR, len(body)) + body
 
@@ -506,7 +515,7 @@ def check_command(cmd: Command, limits: ExportLimits) -> tuple[Errno, str]:
         if cmd.type in limits.extra_commands:
             return Errno.OK, ""
         return Errno.EINVAL, f"unknown command {cmd.type}"
-    if cmd.flags & ~allowed:
+    if cmd.flags & ~int(allowed):
         return Errno.EINVAL, f"flags 0x{cmd.flags:x} not valid for command {Cmd(cmd.type).name}"
     if cmd.type == Cmd.BLOCK_STATUS and not limits.structured_replies:
         return Errno.EINVAL, "block status needs structured replies"
@@ -524,15 +533,16 @@ def check_command(cmd: Command, limits: ExportLimits) -> tuple[Errno, str]:
     return Errno.OK, ""
 
 
-def export_flags(read_only: bool) -> int:
+def export_flags(read_only: bool, structured_replies: bool = True) -> int:
     flags = (
         TransmissionFlag.HAS_FLAGS
         | TransmissionFlag.SEND_FLUSH
         | TransmissionFlag.SEND_FUA
-        | TransmissionFlag.SEND_DF
         | TransmissionFlag.CAN_MULTI_CONN
         | TransmissionFlag.SEND_CACHE
     )
+    if structured_replies:  # DF only means something with structured replies
+        flags |= TransmissionFlag.SEND_DF
     if read_only:
         return flags | TransmissionFlag.READ_ONLY
     return (

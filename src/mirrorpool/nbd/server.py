@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import mmap
 import os
 import socket
 import threading
@@ -251,7 +252,7 @@ class Connection:
 
     def _refuse(self, option: int, reply: int, message: str) -> None:
         log.info("option refused", extra={"peer": self.peer, "option": option, "why": message})
-        self._reply(option, reply, message.encode())
+        self._reply(option, reply, c.limit_text(message))
 
     def _answer_option(self, event: c.Event) -> Export | None:
         device = self.server.device
@@ -259,9 +260,8 @@ class Connection:
             export = self.server.resolve(device, event.name)
             if export is None:
                 raise c.ProtocolError(f"unknown export {event.name!r} in NBD_OPT_EXPORT_NAME")
-            self.sock.sendall(
-                self.codec.encode_export_name_reply(export.size, c.export_flags(export.read_only))
-            )
+            flags = c.export_flags(export.read_only, self.codec.structured_replies)
+            self.sock.sendall(self.codec.encode_export_name_reply(export.size, flags))
             return self._enter(export)
         if isinstance(event, c.GoOption):
             opt = Opt.GO if event.go else Opt.INFO
@@ -269,7 +269,7 @@ class Connection:
             if export is None:
                 self._refuse(opt, Rep.ERR_UNKNOWN, f"no export named {event.name!r}")
                 return None
-            flags = c.export_flags(export.read_only)
+            flags = c.export_flags(export.read_only, self.codec.structured_replies)
             self._reply(opt, Rep.INFO, c.encode_info_export(export.size, flags))
             if Info.NAME in event.requests:
                 self._reply(opt, Rep.INFO, c.encode_info_name(export.name))
@@ -304,6 +304,9 @@ class Connection:
 
     def _answer_meta_context(self, event: c.MetaContextOption) -> None:
         opt = Opt.SET_META_CONTEXT if event.set else Opt.LIST_META_CONTEXT
+        if event.set:  # a SET replaces earlier choices, even when it fails
+            self._contexts = {}
+            self._context_export = None
         if not self.codec.structured_replies:
             self._refuse(opt, Rep.ERR_INVALID, "meta contexts need structured replies first")
             return
@@ -385,7 +388,8 @@ class Connection:
     def _worker(self, reports_errors: bool) -> None:
         header = bytearray(c.REQUEST_HEADER_SIZE)
         header_view = memoryview(header)
-        buf = bytearray(MAX_PAYLOAD)  # calloc'd: pages are touched only when used
+        # Anonymous memory: pages are only touched when a request uses them.
+        buf = mmap.mmap(-1, MAX_PAYLOAD)
         view = memoryview(buf)
         codec = self.codec
         try:
@@ -459,6 +463,10 @@ class Connection:
         typ = cmd.type
         try:
             if typ == Cmd.READ:
+                if cmd.length == 0:  # nothing to read; a data chunk may not be empty
+                    self._send(c.encode_done(cmd.cookie) if structured
+                               else c.encode_simple_reply(cmd.cookie))
+                    return
                 data = view[: cmd.length]
                 export.read_into(data, cmd.offset)
                 if structured:

@@ -11,7 +11,7 @@ import stat
 import struct
 import threading
 
-from mirrorpool.nbd.constants import AllocationFlag
+from mirrorpool.nbd.constants import AllocationFlag, Errno
 from mirrorpool.store.base import Extent, FastZeroUnsupported, StoreError
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -109,6 +109,8 @@ class FileStore:
         self, offset: int, length: int, may_trim: bool = True, fast: bool = False,
         fua: bool = False,
     ) -> None:
+        if length == 0:
+            return
         try:
             if may_trim and self._punch_ok and self._try_fallocate(
                 _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length, "_punch_ok"
@@ -127,6 +129,8 @@ class FileStore:
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
         # Trimmed blocks read back as zeros here, which the protocol allows.
+        if length == 0:
+            return
         try:
             if self._punch_ok:
                 self._try_fallocate(
@@ -140,7 +144,9 @@ class FileStore:
     def flush(self) -> None:
         try:
             os.fdatasync(self._fd)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, ValueError):
+                raise StoreError(Errno.EIO, "flush: the store is closed") from exc
             raise StoreError.from_os_error(exc, "flush") from exc
 
     def cache(self, offset: int, length: int) -> None:
