@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -22,10 +23,11 @@ ZERO = 2
 
 
 def run(
-    cmd: list[str], *, timeout: float = 60, check: bool = True, input: bytes | None = None
+    cmd: list[str], *, timeout: float = 60, check: bool = True, input: bytes | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess:
     """Run a client program with a time limit; on failure show what it printed."""
-    result = subprocess.run(cmd, capture_output=True, timeout=timeout, input=input)
+    result = subprocess.run(cmd, capture_output=True, timeout=timeout, input=input, cwd=cwd)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited with {result.returncode}\n"

@@ -31,7 +31,7 @@ def fio(target: Target, tmp_path: Path, *args: str,
     result = run(
         ["fio", "--name=interop", "--ioengine=nbd", f"--uri={target.uri}",
          "--output-format=json", f"--output={report}", "--runtime=90", *args],
-        timeout=timeout, check=False,
+        timeout=timeout, check=False, cwd=tmp_path,  # fio leaves verify state files in cwd
     )
     text = report.read_text() if report.exists() else ""
     # fio may put notes before the JSON document.
