@@ -74,7 +74,8 @@ class RunningDevice:
         self.api_url = f"http://{config.api_host}:{api_port}"
         app = create_app(self.device, self.nbd.addresses, self.api_url, self.nbd.connection_count)
         self._uvicorn = uvicorn.Server(
-            uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
+            uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
+                           timeout_graceful_shutdown=2, timeout_keep_alive=5)
         )
         self._api_sock = api_sock
         self._api_thread = threading.Thread(
@@ -93,7 +94,7 @@ class RunningDevice:
         log.info("stopping: finishing requests in flight and closing connections")
         self.nbd.stop()
         self._uvicorn.should_exit = True
-        self._api_thread.join(10)
+        self._api_thread.join(5)
         self.device.close()
         log.info("stopped")
 

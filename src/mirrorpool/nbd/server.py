@@ -17,6 +17,7 @@ import mmap
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from mirrorpool.device.device import Device
@@ -174,8 +175,10 @@ class NbdServer:
             conns = list(self._connections)
         for conn in conns:
             conn.disconnect()
+        deadline = time.monotonic() + timeout
         for conn in conns:
-            conn.finished.wait(timeout)
+            if not conn.finished.wait(max(0.0, deadline - time.monotonic())):
+                log.warning("connection still busy at stop", extra={"peer": conn.peer})
 
 
 class Connection:
