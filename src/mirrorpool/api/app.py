@@ -40,6 +40,7 @@ def create_app(
         title="mirrorpool control API",
         version=__version__,
         description="Manage the logical units of one mirrorpool device.",
+        redirect_slashes=False,
     )
     started = time.time()
     jobs = Jobs()

@@ -9,11 +9,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mirrorpool.device.triggers import generation_info
-from mirrorpool.device.volumes import create_member_files, member_path, save_volume
+from mirrorpool.device.volumes import (
+    create_member_files,
+    lu_files,
+    open_member,
+    save_volume,
+)
 from mirrorpool.errors import Conflict, InvalidRequest
 from mirrorpool.mirror.changes import CHUNK, byte_extents, chunk_runs
-from mirrorpool.mirror.pool import Member, recycle_order
-from mirrorpool.store import FileStore
 
 if TYPE_CHECKING:
     from mirrorpool.device.device import Device, LogicalUnit
@@ -163,26 +166,17 @@ class BackupService:
                 create_member_files(device.data_dir, lu.record, indexes)
                 device.catalog.add_members(name, indexes)
                 for idx in indexes:
-                    store = FileStore(member_path(device.data_dir, lu.record.uuid, idx), lu.size)
-                    volume.members.append(Member(idx, store))
-            elif size < current:
-                removable = recycle_order(volume.members)
-                need = current - size
-                if len(removable) < need:
-                    raise Conflict(
-                        f"cannot shrink the pool of {name!r} to {size}: only {len(removable)}"
-                        " member(s) are free (the active backup, pinned and exported"
-                        " generations stay)"
-                    )
-                gone = removable[:need]
-                volume.remove_members(gone)
-                device.catalog.remove_members(name, [m.idx for m in gone])
-                device.catalog.mark_recycled(name, [m.gen for m in gone if m.gen is not None])
-                for member in gone:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(member.store.path)
-            device.catalog.set_pool_size(name, size)
-            lu.record = type(lu.record)(**{**lu.record.__dict__, "pool": size})
+                    volume.members.append(open_member(device.data_dir, lu.record, idx))
+        if size < current:
+            # not under the sequencer lock: removal waits for work in flight
+            gone = volume.remove_members(current - size)
+            device.catalog.remove_members(name, [m.idx for m in gone])
+            device.catalog.mark_recycled(name, [m.gen for m in gone if m.gen is not None])
+            for path in lu_files(device.data_dir, lu.record.uuid, [m.idx for m in gone])[1:]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        device.catalog.set_pool_size(name, size)
+        lu.record = type(lu.record)(**{**lu.record.__dict__, "pool": size})
         save_volume(device.catalog, volume)
         volume.ensure_active()
         log.info("pool resized", extra={"lu": name, "pool": size})

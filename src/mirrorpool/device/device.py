@@ -19,8 +19,15 @@ from dataclasses import dataclass, field
 from mirrorpool.device.backups import BackupService
 from mirrorpool.device.catalog import Catalog, LuRecord
 from mirrorpool.device.triggers import TriggerService
-from mirrorpool.device.volumes import create_member_files, member_path, open_volume, save_volume
+from mirrorpool.device.volumes import (
+    Recovery,
+    create_member_files,
+    lu_files,
+    open_volume,
+    save_volume,
+)
 from mirrorpool.errors import Conflict, DeviceBusy, InvalidRequest, NotFound
+from mirrorpool.mirror.changes import CHUNK
 from mirrorpool.mirror.volume import MirroredVolume
 from mirrorpool.store import FileStore, StoreError
 from mirrorpool.store.file import device_size
@@ -63,7 +70,9 @@ class LogicalUnit:
 
 
 class Device:
-    def __init__(self, data_dir: str) -> None:
+    def __init__(self, data_dir: str, journal_sync: bool = False) -> None:
+        self.journal_sync = journal_sync
+        self.recovery: list[Recovery] = []
         self.data_dir = os.path.abspath(data_dir)
         os.makedirs(os.path.join(self.data_dir, "lu"), exist_ok=True)
         self._lock_fd = _lock_data_dir(self.data_dir)
@@ -75,13 +84,21 @@ class Device:
         self.clean_start = self.catalog.get_meta("clean") != "0"
         for record in self.catalog.lus():
             store = self._open_store(record)
-            volume = open_volume(self.catalog, self.data_dir, record, store, self.clean_start)
+            volume, recovery = open_volume(self.catalog, self.data_dir, record, store,
+                                           self.clean_start, journal_sync)
+            self.recovery.append(recovery)
             self._attach_volume(volume)
             self._lus[record.name] = LogicalUnit(record, store, volume)
         self.catalog.set_meta("clean", "0")
         if not self.clean_start:
-            log.warning("device was not stopped cleanly: active backups resync in full",
-                        extra={"data_dir": self.data_dir})
+            for r in self.recovery:
+                log.warning("recovered after an unclean stop", extra=r.as_dict())
+            log.warning("device was not stopped cleanly: recovery summary", extra={
+                "lus": len(self.recovery),
+                "bytes_to_resync": sum(r.chunks_to_resync for r in self.recovery) * CHUNK,
+                "generations": sum(r.generations for r in self.recovery),
+                "generations_completing": sum(r.generations_completing for r in self.recovery),
+            })
         log.info("device opened", extra={"data_dir": self.data_dir, "lus": len(self._lus)})
 
     def _attach_volume(self, volume: MirroredVolume) -> None:
@@ -147,13 +164,14 @@ class Device:
             except Exception:
                 store.close()
                 self.catalog.remove_lu(name)
-                for idx in indexes:
+                for path in lu_files(self.data_dir, lu_uuid, indexes):
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(member_path(self.data_dir, lu_uuid, idx))
+                        os.unlink(path)
                 if backing is None:
                     os.unlink(path)
                 raise
-            volume = open_volume(self.catalog, self.data_dir, record, store, True)
+            volume, _ = open_volume(self.catalog, self.data_dir, record, store, True,
+                                    self.journal_sync)
             self._attach_volume(volume)
             lu = LogicalUnit(record, store, volume)
             self._lus[name] = lu
@@ -176,10 +194,10 @@ class Device:
             # requests in flight must be done before their descriptors close
             session.finished.wait(10)
         lu.volume.stop()
-        for member in lu.volume.members:
-            member.store.close()
+        lu.volume.close()
+        for path in lu_files(self.data_dir, lu.record.uuid, [m.idx for m in lu.volume.members]):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(member.store.path)
+                os.unlink(path)
         lu.store.close()
         if lu.record.backing is None:
             with contextlib.suppress(FileNotFoundError):
@@ -197,8 +215,7 @@ class Device:
             _check_size(size)
             try:
                 lu.store.resize(size)
-                for member in lu.volume.members:
-                    member.store.resize(size)
+                lu.volume.resize(size)
             except StoreError as exc:
                 raise InvalidRequest(f"cannot grow LU {name!r}: {exc}") from exc
             except OSError as exc:
@@ -239,8 +256,7 @@ class Device:
                 member.store.flush()
             save_volume(self.catalog, lu.volume)
         for lu in lus:
-            for member in lu.volume.members:
-                member.store.close()
+            lu.volume.close()
             lu.store.close()
         with self._lock:
             self._lus.clear()

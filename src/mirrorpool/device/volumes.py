@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from pyroaring import BitMap
 
 from mirrorpool.device.catalog import Catalog, GenerationRecord, LuRecord, MemberRecord
 from mirrorpool.mirror.changes import CHUNK, ChangeLog
+from mirrorpool.mirror.journal import BitmapFile, Journal
 from mirrorpool.mirror.pool import Member, MemberState
 from mirrorpool.mirror.volume import MirroredVolume, SplitPlan
 from mirrorpool.store import FileStore
@@ -15,6 +17,29 @@ from mirrorpool.store import FileStore
 
 def member_path(data_dir: str, lu_uuid: str, idx: int) -> str:
     return os.path.join(data_dir, "lu", f"{lu_uuid}.m{idx}.img")
+
+
+def pending_path(data_dir: str, lu_uuid: str, idx: int) -> str:
+    return os.path.join(data_dir, "lu", f"{lu_uuid}.m{idx}.pending")
+
+
+def journal_path(data_dir: str, lu_uuid: str) -> str:
+    return os.path.join(data_dir, "lu", f"{lu_uuid}.journal")
+
+
+def lu_files(data_dir: str, lu_uuid: str, indexes: list[int]) -> list[str]:
+    """Every file of an LU but its primary data (which may be an external backing)."""
+    files = [journal_path(data_dir, lu_uuid)]
+    for idx in indexes:
+        files += [member_path(data_dir, lu_uuid, idx), pending_path(data_dir, lu_uuid, idx)]
+    return files
+
+
+def open_member(data_dir: str, record: LuRecord, idx: int) -> Member:
+    store = FileStore(member_path(data_dir, record.uuid, idx), record.size)
+    nchunks = (record.size + CHUNK - 1) // CHUNK
+    return Member(idx, store, pending_file=BitmapFile(pending_path(data_dir, record.uuid, idx),
+                                                      nchunks))
 
 
 def _bitmap(blob: bytes | None) -> BitMap:
@@ -26,41 +51,78 @@ def create_member_files(data_dir: str, record: LuRecord, indexes: list[int]) -> 
         FileStore.create(member_path(data_dir, record.uuid, idx), record.size).close()
 
 
+@dataclass
+class Recovery:
+    """What start-up found and repaired for one LU."""
+
+    lu: str
+    clean: bool
+    chunks_to_resync: int = 0
+    chunks_marked_changed: int = 0
+    generations: int = 0
+    generations_completing: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "lu": self.lu, "clean": self.clean,
+            "bytes_to_resync": self.chunks_to_resync * CHUNK,
+            "chunks_to_resync": self.chunks_to_resync,
+            "chunks_marked_changed": self.chunks_marked_changed,
+            "generations": self.generations,
+            "generations_completing": self.generations_completing,
+        }
+
+
 def open_volume(
-    catalog: Catalog, data_dir: str, record: LuRecord, primary: FileStore, clean: bool
-) -> MirroredVolume:
-    """Rebuild a volume.  After an unclean stop, unknown state is assumed changed."""
+    catalog: Catalog, data_dir: str, record: LuRecord, primary: FileStore, clean: bool,
+    journal_sync: bool = False,
+) -> tuple[MirroredVolume, Recovery]:
+    """Rebuild a volume; after a crash, resync what the journal says may differ."""
     nchunks = (record.size + CHUNK - 1) // CHUNK
-    everything = BitMap(range(nchunks))
+    inside = BitMap(range(nchunks))
+    recovery = Recovery(record.name, clean)
+    journal = Journal(journal_path(data_dir, record.uuid), record.size, sync=journal_sync)
+    divergent, changed = journal.recover()
+    divergent &= inside
+    changed &= inside
     generations = {g.gen: g for g in catalog.generations(record.name, include_recycled=True)}
     members: list[Member] = []
     for row in catalog.members(record.name):
-        store = FileStore(member_path(data_dir, record.uuid, row.idx), record.size)
-        member = Member(row.idx, store, MemberState(row.state), row.gen, row.last_used,
-                        _bitmap(row.pending))
+        member = open_member(data_dir, record, row.idx)
+        member.state = MemberState(row.state)
+        member.gen = row.gen
+        member.last_used = row.last_used
+        assert member.pending_file is not None
+        member.pending = member.pending_file.load() & inside
         gen = generations.get(row.gen) if row.gen is not None else None
         if member.state is MemberState.GENERATION and gen is not None:
             member.pinned = gen.pinned
             member.frozen_seq = gen.seq
-        if not clean:
-            if member.state is MemberState.ACTIVE:
-                member.pending = BitMap(everything)
-            elif member.state is MemberState.GENERATION and member.pending:
-                # Its missing chunks were to be copied from a primary that has moved on.
-                member.state = MemberState.FAILED
-                member.gen = None
+            recovery.generations += 1
+            if member.pending:
+                recovery.generations_completing += 1
+        if member.state is MemberState.ACTIVE and divergent and not clean:
+            # writes in flight at the crash may have reached one copy and not the other
+            member.pending |= divergent
+            member.save_pending()
+        if member.state is MemberState.ACTIVE:
+            recovery.chunks_to_resync = len(member.pending)
         member.copy_total = len(member.pending)
         members.append(member)
     deltas = {g: _bitmap(r.changes) for g, r in generations.items() if r.changes is not None}
     last_seq, open_blob = catalog.lu_state(record.name)
-    open_set = _bitmap(open_blob) if clean else BitMap(everything)
+    open_set = _bitmap(open_blob) | changed
+    recovery.chunks_marked_changed = len(changed)
+    journal.restart(open_set)
     max_gen = max(generations, default=0)
     max_seq = max([last_seq, *(g.seq for g in generations.values())])
-    return MirroredVolume(
+    volume = MirroredVolume(
         record.name, primary, members, ChangeLog(deltas, open_set),
         next_seq=max_seq + 1 + (0 if clean else 1_000_000),
         next_gen=max_gen + 1,
+        journal=journal,
     )
+    return volume, recovery
 
 
 def member_rows(volume: MirroredVolume) -> list[MemberRecord]:
@@ -104,3 +166,6 @@ def save_split(
         volume.name, rows, plan.op.seq, None, [generation], recycled,
         prune_changes_upto=oldest - 1,
     )
+    if volume.journal is not None:
+        with volume.seq.lock:
+            volume.journal.split_saved()

@@ -8,6 +8,7 @@ from enum import StrEnum
 
 from pyroaring import BitMap
 
+from mirrorpool.mirror.journal import BitmapFile
 from mirrorpool.store import FileStore
 
 
@@ -33,6 +34,15 @@ class Member:
     frozen_seq: int | None = None
     split_done: threading.Event = field(default_factory=threading.Event)
     copy_total: int = 0  # chunks to copy when the current resync started
+    pending_file: BitmapFile | None = None  # the pending set, kept exact across crashes
+
+    def save_pending(self) -> None:
+        if self.pending_file is not None:
+            self.pending_file.save(self.pending)
+
+    def pending_cleared(self, first: int, stop: int) -> None:
+        if self.pending_file is not None:
+            self.pending_file.clear(self.pending, first, stop)
 
     @property
     def syncing(self) -> bool:

@@ -94,8 +94,10 @@ class Sequencer:
                 dep.event.wait()  # type: ignore[union-attr]
         op.deps = []
 
-    def finish(self, op: Op) -> None:
+    def finish(self, op: Op, on_finish: Callable[[Op], None] | None = None) -> None:
         with self.lock:
+            if on_finish is not None:
+                on_finish(op)
             self._inflight.remove(op)
             op.finished = True
             event = op.event

@@ -12,6 +12,7 @@ lacks are kept by copy-before-write until its copy is complete.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -22,6 +23,7 @@ from pyroaring import BitMap
 
 from mirrorpool.errors import Conflict, NotFound
 from mirrorpool.mirror.changes import CHUNK, ChangeLog, chunk_runs, chunk_span
+from mirrorpool.mirror.journal import Journal
 from mirrorpool.mirror.pool import Member, MemberState, recycle_order
 from mirrorpool.mirror.sequencer import Op, Sequencer
 from mirrorpool.nbd.constants import AllocationFlag
@@ -58,8 +60,11 @@ class MirroredVolume:
         next_seq: int,
         next_gen: int,
         persist: Callable[[MirroredVolume], None] | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.name = name
+        self.journal = journal
+        self._written: set[Member] = set()  # members written since the last flush
         self.primary = primary
         self.members = members
         self.changes = changes
@@ -103,8 +108,21 @@ class MirroredVolume:
         return self.seq.admit(first * CHUNK, stop * CHUNK, "write", True, self._on_admit)
 
     def _on_admit(self, op: Op) -> None:
-        self.changes.open.add_range(op.start // CHUNK, op.end // CHUNK)
-        op.target = self.active
+        first, stop = op.start // CHUNK, op.end // CHUNK
+        if self.journal is not None:
+            self.journal.begin(first, stop)
+        self.changes.open.add_range(first, stop)
+        target = self.active
+        op.target = target
+        if target is not None:
+            self._written.add(target)
+
+    def _on_finish(self, op: Op) -> None:
+        if self.journal is not None:
+            self.journal.end(op.start // CHUNK, op.end // CHUNK)
+
+    def _finish(self, op: Op) -> None:
+        self.seq.finish(op, self._on_finish)
 
     def write(self, op: Op, data: memoryview | bytes, offset: int, fua: bool = False) -> None:
         self.seq.wait(op)
@@ -119,7 +137,7 @@ class MirroredVolume:
                 except StoreError as exc:
                     self._member_failed(target, exc)  # type: ignore[arg-type]
         finally:
-            self.seq.finish(op)
+            self._finish(op)
 
     def zero(
         self, op: Op, offset: int, length: int, may_trim: bool = True, fast: bool = False,
@@ -144,20 +162,27 @@ class MirroredVolume:
                 except StoreError as exc:
                     self._member_failed(target, exc)  # type: ignore[arg-type]
         finally:
-            self.seq.finish(op)
+            self._finish(op)
 
     def abandon(self, op: Op) -> None:
         """A mutation admitted but refused before it touched anything."""
-        self.seq.finish(op)
+        self._finish(op)
 
     def flush(self) -> None:
+        """Make every acknowledged write durable on the primary and on each copy it reached."""
+        with self.seq.lock:
+            written = list(self._written)
+            self._written.clear()
+            if self.active is not None:
+                written.append(self.active)
         self.primary.flush()
-        active = self.active
-        if active is not None:
+        for member in set(written):
+            if member.state is MemberState.FAILED:
+                continue
             try:
-                active.store.flush()
+                member.store.flush()
             except StoreError as exc:
-                self._member_failed(active, exc)
+                self._member_failed(member, exc)
 
     def read_into(self, buf: memoryview, offset: int) -> None:
         self.primary.read_into(buf, offset)
@@ -171,6 +196,8 @@ class MirroredVolume:
             member.state = MemberState.FAILED
             member.gen = None
             member.pending = BitMap()  # a failed member is copied in full when reused
+            with contextlib.suppress(OSError):
+                member.save_pending()
             if member in self._cow:
                 self._cow.remove(member)
             if self.active is member:
@@ -202,6 +229,7 @@ class MirroredVolume:
                     self.primary.read_into(memoryview(buf), ext.offset)
                     member.store.write(buf, ext.offset)
             member.pending.remove_range(first, first + count)
+            member.pending_cleared(first, first + count)
             self._copied_bytes += length
         if not member.pending:
             self._sync_complete(member)
@@ -248,6 +276,8 @@ class MirroredVolume:
         plan.gen = self.next_gen
         self.next_gen += 1
         plan.delta = self.changes.close(plan.gen)
+        if self.journal is not None:
+            self.journal.rotate()
         member.state = MemberState.GENERATION
         member.gen = plan.gen
         member.frozen_seq = op.seq
@@ -255,9 +285,11 @@ class MirroredVolume:
         member.split_done = threading.Event()
         if member.pending and member not in self._cow:
             self._cow.append(member)
+        member.save_pending()
         nxt = plan.next_active
         if nxt is not None:
             nxt.pending |= self._differs(nxt)
+            nxt.save_pending()
             nxt.state = MemberState.ACTIVE
             nxt.gen = None
             nxt.frozen_seq = None
@@ -276,9 +308,20 @@ class MirroredVolume:
         del self.split_latencies[:-1000]
         self.wake_resync()
 
-    def remove_members(self, members: list[Member]) -> None:
-        """Take members out of the pool; closes them once no work in flight uses them."""
+    def remove_members(self, count: int) -> list[Member]:
+        """Take ``count`` recyclable members out of the pool, least recently used first.
+
+        They are closed once no work in flight uses them.
+        """
         with self.seq.lock:
+            removable = recycle_order(self.members)
+            if len(removable) < count:
+                raise Conflict(
+                    f"cannot shrink the pool of {self.name!r} by {count}: only"
+                    f" {len(removable)} member(s) are free (the active backup, pinned and"
+                    " exported generations stay)"
+                )
+            members = removable[:count]
             for member in members:
                 self.members.remove(member)
                 if member in self._cow:
@@ -289,6 +332,9 @@ class MirroredVolume:
                 op.event.wait()  # type: ignore[union-attr]
         for member in members:
             member.store.close()
+            if member.pending_file is not None:
+                member.pending_file.close()
+        return members
 
     def ensure_active(self) -> bool:
         """Give an unmirrored primary an active backup, from blank or failed members only."""
@@ -301,6 +347,7 @@ class MirroredVolume:
                 return False
             member = blank[0]
             member.pending = self._differs(member)
+            member.save_pending()
             member.copy_total = len(member.pending)
             member.state = MemberState.ACTIVE
             member.gen = None
@@ -388,13 +435,14 @@ class MirroredVolume:
                 still = run & member.pending
                 if still and member.state in (MemberState.ACTIVE, MemberState.GENERATION):
                     self._copy_chunks(member, still)
+                    self._written.add(member)
             except StoreError as exc:
                 self._member_failed(member, exc)
             except Exception:
                 log.exception("resync step failed", extra={"lu": self.name, "member": member.idx})
                 time.sleep(1.0)  # do not spin on a persistent fault
             finally:
-                self.seq.finish(op)
+                self.seq.finish(op)  # a copy never entered the journal: only members change
             if not member.pending:
                 self._save()
 
@@ -411,6 +459,29 @@ class MirroredVolume:
             "rate_bytes_per_s": round(rate),
             "eta_seconds": round(eta, 1),
         }
+
+    def resize(self, size: int) -> None:
+        """Grow every copy; the primary has grown already (sequencer lock keeps I/O out)."""
+        nchunks = (size + CHUNK - 1) // CHUNK
+        with self.seq.lock:
+            for member in self.members:
+                member.store.resize(size)
+                if member.pending_file is not None:
+                    member.pending_file.resize(nchunks)
+            if self.journal is not None:
+                journal = Journal(self.journal.path, size, self.journal.slots, self.journal.sync)
+                self.journal.close()
+                # a bigger journal starts afresh, still covering the open change set
+                journal.restart(self.changes.open | self.changes.since(None))
+                self.journal = journal
+
+    def close(self) -> None:
+        for member in self.members:
+            member.store.close()
+            if member.pending_file is not None:
+                member.pending_file.close()
+        if self.journal is not None:
+            self.journal.close()
 
     def stop(self) -> None:
         self._stopping = True

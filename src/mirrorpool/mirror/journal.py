@@ -1,0 +1,262 @@
+"""Crash journal of a primary: what recovery must treat as changed or divergent.
+
+Two records live in one small file per primary, both written with plain
+``pwrite`` before the data they describe is written (so they survive a crash
+of the process; with ``sync=True`` each new entry is also made durable first,
+which covers a power loss at the price of one device flush per entry):
+
+* **write-intent slots**: the chunks that may have writes in flight, as a
+  bounded set (an activity log, as in DRBD).  A chunk enters before its first
+  write and leaves, least recently used first, once no write to it is in
+  flight.  After a crash, exactly these chunks may differ between the primary
+  and its active backup, so recovery resyncs them and nothing else.
+* **changed regions**: coarse regions (1 MiB) written since the last split,
+  in two alternating bitmaps so the previous split's set stays until that
+  split is in the catalog.  After a crash they are added to the open change
+  set: changed-block tracking may over-report, never under-report.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import OrderedDict
+
+from pyroaring import BitMap
+
+from mirrorpool.mirror.changes import CHUNK
+
+MAGIC = b"MPJRNL01"
+HEADER = struct.Struct(">8sIIIIQ")  # magic, slots, region chunks, nregions, current, reserved
+HEADER_SIZE = 4096
+EMPTY = 0xFFFFFFFFFFFFFFFF
+REGION_CHUNKS = 16  # 1 MiB regions
+DEFAULT_SLOTS = 256  # 16 MiB of chunks may be in flight or recently written
+
+
+class Journal:
+    def __init__(self, path: str, size: int, slots: int = DEFAULT_SLOTS, sync: bool = False):
+        self.path = path
+        self.slots = slots
+        self.sync = sync
+        nchunks = (size + CHUNK - 1) // CHUNK
+        self.nregions = (nchunks + REGION_CHUNKS - 1) // REGION_CHUNKS
+        self._bitmap_bytes = (self.nregions + 7) // 8
+        exists = os.path.exists(path)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._current = 0
+        self._unsaved = 0
+        # chunk -> writes in flight; ordered by last use for eviction
+        self._hot: OrderedDict[int, int] = OrderedDict()
+        self._slot_of: dict[int, int] = {}
+        self._free_slots = list(range(slots - 1, -1, -1))
+        self._regions = bytearray(self._bitmap_bytes)
+        if not exists or os.fstat(self._fd).st_size < HEADER_SIZE:
+            self._format()
+
+    # ------------------------------------------------------------ layout
+
+    def _slots_offset(self) -> int:
+        return HEADER_SIZE
+
+    def _bitmap_offset(self, which: int) -> int:
+        return HEADER_SIZE + self.slots * 8 + which * self._bitmap_bytes
+
+    def _format(self) -> None:
+        size = self._bitmap_offset(2)
+        os.ftruncate(self._fd, 0)
+        os.ftruncate(self._fd, size)
+        os.pwrite(self._fd, b"\xff" * (self.slots * 8), self._slots_offset())
+        self._write_header()
+        os.fsync(self._fd)
+
+    def _write_header(self) -> None:
+        header = HEADER.pack(MAGIC, self.slots, REGION_CHUNKS, self.nregions, self._current, 0)
+        os.pwrite(self._fd, header, 0)
+
+    # ------------------------------------------------------------ recovery
+
+    def recover(self) -> tuple[BitMap, BitMap]:
+        """What a crash may have left: (divergent chunks, changed chunks); then start afresh."""
+        raw = os.pread(self._fd, HEADER_SIZE, 0)
+        magic, slots, region_chunks, nregions, current, _ = HEADER.unpack(raw[: HEADER.size])
+        if magic != MAGIC:
+            raise ValueError(f"{self.path}: not a mirrorpool journal")
+        divergent = BitMap()
+        data = os.pread(self._fd, slots * 8, HEADER_SIZE)
+        for (chunk,) in struct.iter_unpack(">Q", data):
+            if chunk != EMPTY:
+                divergent.add(chunk)
+        changed = BitMap()
+        bitmap_bytes = (nregions + 7) // 8
+        for which in (0, 1):
+            offset = HEADER_SIZE + slots * 8 + which * bitmap_bytes
+            bits = os.pread(self._fd, bitmap_bytes, offset)
+            for i, byte in enumerate(bits):
+                if not byte:
+                    continue
+                for bit in range(8):
+                    if byte & (1 << bit):
+                        region = i * 8 + bit
+                        changed.add_range(region * region_chunks, (region + 1) * region_chunks)
+        return divergent, changed | divergent
+
+    def restart(self, changed: BitMap) -> None:
+        """Start afresh, still covering ``changed`` (the open change set held in memory)."""
+        self._hot.clear()
+        self._slot_of.clear()
+        self._free_slots = list(range(self.slots - 1, -1, -1))
+        self._regions = bytearray(self._bitmap_bytes)
+        self._current = 0
+        self._unsaved = 0
+        for chunk in changed:
+            region = chunk // REGION_CHUNKS
+            if region < self.nregions:
+                self._regions[region >> 3] |= 1 << (region & 7)
+        self._format()
+        os.pwrite(self._fd, bytes(self._regions), self._bitmap_offset(0))
+        os.fsync(self._fd)
+
+    # ------------------------------------------------------------ data path
+
+    def begin(self, first: int, stop: int) -> None:
+        """Chunks [first, stop) are about to be written; the caller holds the sequencer lock."""
+        dirty = False
+        for chunk in range(first, stop):
+            count = self._hot.get(chunk)
+            if count is None:
+                self._enter(chunk)
+                self._hot[chunk] = 1
+                dirty = True
+            else:
+                self._hot[chunk] = count + 1
+                self._hot.move_to_end(chunk)
+        for region in range(first // REGION_CHUNKS, (stop - 1) // REGION_CHUNKS + 1):
+            byte, bit = divmod(region, 8)
+            if not self._regions[byte] & (1 << bit):
+                self._regions[byte] |= 1 << bit
+                os.pwrite(self._fd, bytes([self._regions[byte]]),
+                          self._bitmap_offset(self._current) + byte)
+                dirty = True
+        if dirty and self.sync:
+            os.fdatasync(self._fd)
+
+    def end(self, first: int, stop: int) -> None:
+        for chunk in range(first, stop):
+            count = self._hot.get(chunk)
+            if count is not None:
+                self._hot[chunk] = count - 1
+
+    def _enter(self, chunk: int) -> None:
+        if not self._free_slots:
+            self._evict()
+        slot = self._free_slots.pop() if self._free_slots else self._steal_slot()
+        self._slot_of[chunk] = slot
+        os.pwrite(self._fd, struct.pack(">Q", chunk), self._slots_offset() + slot * 8)
+
+    def _evict(self) -> None:
+        for chunk, count in self._hot.items():
+            if count <= 0:
+                del self._hot[chunk]
+                self._free_slots.append(self._slot_of.pop(chunk))
+                return
+
+    def _steal_slot(self) -> int:
+        # Every slot has a write in flight: grow past the bound rather than lose track.
+        self.slots += 1
+        os.ftruncate(self._fd, self._bitmap_offset(2))
+        self._rewrite_all()
+        return self.slots - 1
+
+    def _rewrite_all(self) -> None:
+        slots = bytearray(b"\xff" * (self.slots * 8))
+        for chunk, slot in self._slot_of.items():
+            slots[slot * 8 : slot * 8 + 8] = struct.pack(">Q", chunk)
+        os.pwrite(self._fd, bytes(slots), self._slots_offset())
+        self._write_header()
+        for which in (0, 1):
+            data = self._regions if which == self._current else bytes(self._bitmap_bytes)
+            os.pwrite(self._fd, bytes(data), self._bitmap_offset(which))
+
+    # ------------------------------------------------------------ splits
+
+    def rotate(self) -> None:
+        """At a split (sequencer lock held): later writes go to the other region bitmap.
+
+        The other bitmap is only cleared once every split taken so far is in the
+        catalog (``split_saved``); until then its bits stay, which over-reports.
+        """
+        self._current ^= 1
+        self._unsaved += 1
+        offset = self._bitmap_offset(self._current)
+        self._regions = bytearray(os.pread(self._fd, self._bitmap_bytes, offset))
+        self._write_header()
+        if self.sync:
+            os.fdatasync(self._fd)
+
+    def split_saved(self) -> None:
+        """The catalog now holds a split's change set (sequencer lock held)."""
+        self._unsaved = max(0, self._unsaved - 1)
+        if self._unsaved == 0:
+            os.pwrite(self._fd, bytes(self._bitmap_bytes), self._bitmap_offset(self._current ^ 1))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class BitmapFile:
+    """A chunk bitmap kept in a file of its own, one bit per chunk, updated in place.
+
+    A pool member's pending set lives here, so the copy-before-write state of
+    a generation is exact after a crash: a chunk's bit is cleared only after
+    its data was copied, and before the primary is overwritten.
+    """
+
+    def __init__(self, path: str, nchunks: int) -> None:
+        self.path = path
+        self.nbytes = (nchunks + 7) // 8
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.fstat(self._fd).st_size < self.nbytes:
+            os.ftruncate(self._fd, self.nbytes)
+
+    def load(self) -> BitMap:
+        data = os.pread(self._fd, self.nbytes, 0)
+        out = BitMap()
+        for i, byte in enumerate(data):
+            if byte:
+                for bit in range(8):
+                    if byte & (1 << bit):
+                        out.add(i * 8 + bit)
+        return out
+
+    def save(self, chunks: BitMap) -> None:
+        data = bytearray(self.nbytes)
+        for c in chunks:
+            if c < self.nbytes * 8:
+                data[c >> 3] |= 1 << (c & 7)
+        os.pwrite(self._fd, bytes(data), 0)
+
+    def clear(self, chunks: BitMap, first: int, stop: int) -> None:
+        """Write back the bytes covering [first, stop) from ``chunks`` (bits already cleared)."""
+        lo, hi = first >> 3, min((stop + 7) >> 3, self.nbytes)
+        data = bytearray(hi - lo)
+        for c in chunks.iter_equal_or_larger(lo * 8) if chunks else ():
+            if c >= hi * 8:
+                break
+            data[(c >> 3) - lo] |= 1 << (c & 7)
+        os.pwrite(self._fd, bytes(data), lo)
+
+    def resize(self, nchunks: int) -> None:
+        self.nbytes = (nchunks + 7) // 8
+        if os.fstat(self._fd).st_size < self.nbytes:
+            os.ftruncate(self._fd, self.nbytes)
+
+    def flush(self) -> None:
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
