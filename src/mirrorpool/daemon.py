@@ -13,6 +13,7 @@ import uvicorn
 from mirrorpool.api.app import create_app
 from mirrorpool.device.device import Device
 from mirrorpool.errors import DeviceBusy
+from mirrorpool.metrics import IoStats
 from mirrorpool.nbd.server import ListenError, NbdServer
 
 log = logging.getLogger("mirrorpool.serve")
@@ -31,6 +32,8 @@ class ServeConfig:
     api_host: str = "127.0.0.1"
     api_port: int = 10880
     workers_per_connection: int = 4
+    journal_sync: bool = False
+    fault_injection: bool = False
 
 
 def _bind_api(host: str, port: int) -> socket.socket:
@@ -53,8 +56,10 @@ class RunningDevice:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
+        self.io_stats = IoStats()
         try:
-            self.device = Device(config.data_dir)
+            self.device = Device(config.data_dir, journal_sync=config.journal_sync,
+                                 fault_injection=config.fault_injection)
         except DeviceBusy as exc:
             raise StartError(str(exc)) from None
         try:
@@ -63,6 +68,7 @@ class RunningDevice:
                 tcp=(config.nbd_host, config.nbd_port),
                 unix_path=config.unix_socket,
                 workers_per_connection=config.workers_per_connection,
+                io_stats=self.io_stats,
             )
             api_sock = _bind_api(config.api_host, config.api_port)
         except (ListenError, StartError) as exc:
@@ -72,7 +78,8 @@ class RunningDevice:
             raise StartError(str(exc)) from None
         api_port = api_sock.getsockname()[1]
         self.api_url = f"http://{config.api_host}:{api_port}"
-        app = create_app(self.device, self.nbd.addresses, self.api_url, self.nbd.connection_count)
+        app = create_app(self.device, self.nbd.addresses, self.api_url, self.nbd.connection_count,
+                         self.io_stats)
         self._uvicorn = uvicorn.Server(
             uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
                            timeout_graceful_shutdown=2, timeout_keep_alive=5)

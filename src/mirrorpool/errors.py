@@ -11,6 +11,10 @@ class InvalidRequest(MirrorpoolError):
     http_status = 400
 
 
+class Forbidden(MirrorpoolError):
+    http_status = 403
+
+
 class NotFound(MirrorpoolError):
     http_status = 404
 

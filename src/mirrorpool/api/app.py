@@ -8,13 +8,15 @@ from collections.abc import Callable
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mirrorpool import __version__
 from mirrorpool.api.jobs import Jobs
 from mirrorpool.api.models import (
     DeviceStatus,
     ErrorBody,
+    FaultRequest,
     GroupTriggerRequest,
     LuCreate,
     LuInfo,
@@ -25,7 +27,9 @@ from mirrorpool.api.models import (
     TriggerRequest,
 )
 from mirrorpool.device.device import Device
-from mirrorpool.errors import MirrorpoolError
+from mirrorpool.errors import InvalidRequest, MirrorpoolError
+from mirrorpool.metrics import IoStats, make_registry
+from mirrorpool.store.fault import FaultRule
 
 _ERRORS = {400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}}
 
@@ -35,6 +39,7 @@ def create_app(
     nbd_addresses: list[str] | None = None,
     api_address: str = "",
     connection_count: Callable[[], int] = lambda: 0,
+    io_stats: IoStats | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="mirrorpool control API",
@@ -90,6 +95,12 @@ def create_app(
         lu = device.get_lu(name)
         return LuInfo.of(lu, device.backups.status(lu))
 
+    @app.post("/v1/lus/{name}/repair", response_model=LuInfo, responses=_ERRORS)
+    def repair_lu(name: str) -> LuInfo:
+        lu = device.get_lu(name)
+        lu.volume.ensure_active(retry_failed=True)
+        return LuInfo.of(lu, device.backups.status(lu))
+
     @app.post("/v1/lus/{name}/trigger", response_model=TriggerAnswer, responses=_ERRORS)
     def trigger_lu(name: str, body: TriggerRequest | None = None) -> dict:
         body = body or TriggerRequest()
@@ -130,6 +141,41 @@ def create_app(
         job = jobs.start("restore", name, lambda progress: device.backups.restore(
             name, body.gen, body.force, progress))
         return job.as_dict()
+
+    registry = make_registry(device, io_stats or IoStats())
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(registry).decode(),
+                                 media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/recovery")
+    def recovery() -> dict:
+        return {"clean_start": device.clean_start,
+                "lus": [r.as_dict() for r in device.recovery]}
+
+    @app.get("/v1/lus/{name}/faults", responses=_ERRORS)
+    def faults(name: str) -> dict:
+        return {target: [r.as_dict() for r in device.fault_store(name, target).rules]
+                for target in ["primary"] + [f"member:{m.idx}" for m in
+                                             device.get_lu(name).volume.members]}
+
+    @app.post("/v1/lus/{name}/faults", status_code=201, responses=_ERRORS)
+    def add_fault(name: str, body: FaultRequest) -> dict:
+        store = device.fault_store(name, body.target)
+        rule = FaultRule(op=body.op, effect=body.effect, offset=body.offset, length=body.length,
+                         after=body.after, times=body.times, delay=body.delay)
+        try:
+            store.add(rule)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        return rule.as_dict()
+
+    @app.delete("/v1/lus/{name}/faults", status_code=204, responses=_ERRORS)
+    def clear_faults(name: str) -> None:
+        device.fault_store(name, "primary").clear()
+        for m in device.get_lu(name).volume.members:
+            device.fault_store(name, f"member:{m.idx}").clear()
 
     @app.get("/v1/jobs/{job_id}", responses=_ERRORS)
     def job(job_id: str) -> dict:

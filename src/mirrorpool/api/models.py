@@ -107,3 +107,14 @@ class TriggerAnswer(BaseModel):
 class RestoreRequest(BaseModel):
     gen: int = Field(ge=1)
     force: bool = False
+
+
+class FaultRequest(BaseModel):
+    target: str = Field("primary", description="'primary', 'active' or 'member:N'")
+    op: str = Field("write", pattern="^(read|write|zero|trim|flush|any)$")
+    effect: str = Field("eio", pattern="^(eio|enospc|short|delay)$")
+    offset: int = Field(0, ge=0)
+    length: int = Field(0, ge=0, description="0: to the end")
+    after: int = Field(0, ge=0, description="let this many matching operations pass first")
+    times: int = Field(0, ge=0, description="fire this many times (0: always)")
+    delay: float = Field(0.0, ge=0, le=60)

@@ -114,3 +114,15 @@ def set_(
         print_json(lu)
     else:
         console.print(f"LU {name}: pool {lu['pool']}", highlight=False)
+
+
+@app.command("repair")
+def repair(name: str, api: ApiOption = DEFAULT_API, as_json: JsonOption = False) -> None:
+    """Bring a failed or missing active backup back: a member is resynced from the primary."""
+    lu = call(api, "POST", f"/v1/lus/{name}/repair")
+    if as_json:
+        print_json(lu)
+    else:
+        mirror = lu.get("mirror") or {}
+        console.print(f"LU {name}: active backup {mirror.get('active_member')}"
+                      f" {mirror.get('active_state')}", highlight=False)

@@ -29,6 +29,10 @@ def serve_command(
                                      help="control API address HOST:PORT")] = "127.0.0.1:10880",
     workers: Annotated[int, typer.Option("--workers", min=1, max=64,
                                          help="request threads per NBD connection")] = 4,
+    journal_sync: Annotated[bool, typer.Option(
+        "--journal-sync", help="flush each new write-intent entry (survives power loss)")] = False,
+    fault_injection: Annotated[bool, typer.Option(
+        "--fault-injection", help="allow /v1/lus/NAME/faults (for testing)")] = False,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning")] = "info",
     log_format: Annotated[str, typer.Option("--log-format", help="text or json")] = "text",
 ) -> None:
@@ -39,6 +43,7 @@ def serve_command(
     config = ServeConfig(
         data_dir=data, nbd_host=nbd_host, nbd_port=nbd_port, unix_socket=unix,
         api_host=api_host, api_port=api_port, workers_per_connection=workers,
+        journal_sync=journal_sync, fault_injection=fault_injection,
     )
     try:
         serve(config)

@@ -23,8 +23,7 @@ def status_command(api: ApiOption = DEFAULT_API, as_json: JsonOption = False) ->
         f"connections {status['connections']}",
         highlight=False,
     )
-    table = Table("LU", "size", "pool", "active", "state", "generations", "last trigger",
-                  "connections")
+    table = Table("LU", "size", "pool", "active", "state", "gens", "last trigger", "conns")
     for lu in status["lus"]:
         mirror = lu.get("mirror") or {}
         state = mirror.get("active_state", "")
@@ -36,6 +35,9 @@ def status_command(api: ApiOption = DEFAULT_API, as_json: JsonOption = False) ->
             f"gen {last['gen']} {time.strftime('%H:%M:%S', time.localtime(last['created']))}"
             if last else ""
         )
+        failed = [m for m in mirror.get("members", []) if m["state"] == "failed"]
+        if failed:
+            state = f"[bold red]{state}, {len(failed)} member(s) FAILED[/]"
         active = mirror.get("active_member")
         table.add_row(lu["name"], format_size(lu["size"]), str(lu["pool"]),
                       "" if active is None else f"member {active}", state,

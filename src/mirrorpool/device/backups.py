@@ -166,7 +166,9 @@ class BackupService:
                 create_member_files(device.data_dir, lu.record, indexes)
                 device.catalog.add_members(name, indexes)
                 for idx in indexes:
-                    volume.members.append(open_member(device.data_dir, lu.record, idx))
+                    member = open_member(device.data_dir, lu.record, idx)
+                    device.wrap_member(member)
+                    volume.members.append(member)
         if size < current:
             # not under the sequencer lock: removal waits for work in flight
             gone = volume.remove_members(current - size)

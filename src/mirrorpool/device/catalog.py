@@ -220,6 +220,10 @@ class Catalog:
                 (last_seq, open_changes, lu),
             )
 
+    def mark_generation(self, lu: str, gen: int, state: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE generation SET state=? WHERE lu=? AND gen=?", (state, lu, gen))
+
     def mark_recycled(self, lu: str, gens: list[int]) -> None:
         with self.transaction() as db:
             db.executemany("UPDATE generation SET state='recycled' WHERE lu=? AND gen=?",

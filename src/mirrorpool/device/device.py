@@ -26,10 +26,12 @@ from mirrorpool.device.volumes import (
     open_volume,
     save_volume,
 )
-from mirrorpool.errors import Conflict, DeviceBusy, InvalidRequest, NotFound
+from mirrorpool.errors import Conflict, DeviceBusy, Forbidden, InvalidRequest, NotFound
 from mirrorpool.mirror.changes import CHUNK
+from mirrorpool.mirror.pool import Member
 from mirrorpool.mirror.volume import MirroredVolume
 from mirrorpool.store import FileStore, StoreError
+from mirrorpool.store.fault import FaultStore
 from mirrorpool.store.file import device_size
 
 log = logging.getLogger("mirrorpool.device")
@@ -70,8 +72,10 @@ class LogicalUnit:
 
 
 class Device:
-    def __init__(self, data_dir: str, journal_sync: bool = False) -> None:
+    def __init__(self, data_dir: str, journal_sync: bool = False,
+                 fault_injection: bool = False) -> None:
         self.journal_sync = journal_sync
+        self.fault_injection = fault_injection
         self.recovery: list[Recovery] = []
         self.data_dir = os.path.abspath(data_dir)
         os.makedirs(os.path.join(self.data_dir, "lu"), exist_ok=True)
@@ -103,6 +107,12 @@ class Device:
 
     def _attach_volume(self, volume: MirroredVolume) -> None:
         volume._persist = lambda v: save_volume(self.catalog, v)
+        volume.on_generation_lost = lambda gen: self.catalog.mark_generation(
+            volume.name, gen, "failed")
+        if self.fault_injection:
+            volume.primary = FaultStore(volume.primary)  # type: ignore[assignment]
+            for member in volume.members:
+                self.wrap_member(member)
         volume.ensure_active()
         volume.wake_resync()
 
@@ -224,6 +234,32 @@ class Device:
             lu.record = LuRecord(**{**lu.record.__dict__, "size": size})
         log.info("LU resized", extra={"lu": name, "size": size})
         return lu
+
+    def wrap_member(self, member: Member) -> None:
+        if self.fault_injection and not isinstance(member.store, FaultStore):
+            member.store = FaultStore(member.store)  # type: ignore[assignment]
+
+    def fault_store(self, name: str, target: str) -> FaultStore:
+        """The fault layer of an LU's primary, a member ("member:N") or the active backup."""
+        if not self.fault_injection:
+            raise Forbidden("fault injection is off: start the device with --fault-injection")
+        volume = self.get_lu(name).volume
+        if target == "primary":
+            store = volume.primary
+        elif target == "active":
+            if volume.active is None:
+                raise Conflict(f"LU {name!r} has no active backup")
+            store = volume.active.store
+        elif target.startswith("member:") and target[7:].isdigit():
+            idx = int(target[7:])
+            found = [m for m in volume.members if m.idx == idx]
+            if not found:
+                raise NotFound(f"LU {name!r} has no pool member {idx}")
+            store = found[0].store
+        else:
+            raise InvalidRequest("target must be 'primary', 'active' or 'member:N'")
+        assert isinstance(store, FaultStore)
+        return store
 
     # ---------------------------------------------------------------- sessions
 

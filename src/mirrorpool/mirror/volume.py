@@ -65,6 +65,8 @@ class MirroredVolume:
         self.name = name
         self.journal = journal
         self._written: set[Member] = set()  # members written since the last flush
+        self.on_generation_lost: Callable[[int], None] | None = None
+        self.failures = 0
         self.primary = primary
         self.members = members
         self.changes = changes
@@ -147,7 +149,7 @@ class MirroredVolume:
 
     def trim(self, op: Op, offset: int, length: int, fua: bool = False) -> None:
         # A trimmed range reads as zeros on every copy, so primary and backup stay equal.
-        self._apply(op, lambda s: s.zero(offset, length, True, False, fua))
+        self._apply(op, lambda s: s.trim(offset, length, fua))
 
     def _apply(self, op: Op, action: Callable[[FileStore], None]) -> None:
         self.seq.wait(op)
@@ -192,9 +194,11 @@ class MirroredVolume:
             if member.state is MemberState.FAILED:
                 return
             log.error("backup member failed", extra={"lu": self.name, "member": member.idx,
-                                                     "error": str(exc)})
+                                                     "gen": member.gen, "error": str(exc)})
+            lost = member.gen if member.state is MemberState.GENERATION else None
             member.state = MemberState.FAILED
             member.gen = None
+            self.failures += 1
             member.pending = BitMap()  # a failed member is copied in full when reused
             with contextlib.suppress(OSError):
                 member.save_pending()
@@ -202,7 +206,11 @@ class MirroredVolume:
                 self._cow.remove(member)
             if self.active is member:
                 self.active = None
+        if lost is not None and self.on_generation_lost is not None:
+            self.on_generation_lost(lost)  # never offered as good again
         self._save()
+        # a spare takes over at once; failed members wait for `lu repair` or a trigger
+        self.ensure_active(retry_failed=False)
 
     # ------------------------------------------------------------ copy-before-write
 
@@ -336,13 +344,13 @@ class MirroredVolume:
                 member.pending_file.close()
         return members
 
-    def ensure_active(self) -> bool:
-        """Give an unmirrored primary an active backup, from blank or failed members only."""
+    def ensure_active(self, retry_failed: bool = True) -> bool:
+        """Give an unmirrored primary an active backup, from blank (or failed) members only."""
+        usable = (MemberState.SPARE, MemberState.FAILED) if retry_failed else (MemberState.SPARE,)
         with self.seq.lock:
             if self.active is not None:
                 return False
-            blank = [m for m in recycle_order(self.members)
-                     if m.state in (MemberState.SPARE, MemberState.FAILED)]
+            blank = [m for m in recycle_order(self.members) if m.state in usable]
             if not blank:
                 return False
             member = blank[0]

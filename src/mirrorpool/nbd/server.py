@@ -30,6 +30,7 @@ from mirrorpool.device.exports import (
     resolve_export,
 )
 from mirrorpool.errors import MirrorpoolError
+from mirrorpool.metrics import IoStats, OpStats
 from mirrorpool.mirror.volume import TriggerRefused
 from mirrorpool.nbd import codec as c
 from mirrorpool.nbd.constants import Cmd, CmdFlag, Errno, Info, Opt, Rep
@@ -50,6 +51,11 @@ _DRAIN_CHUNK = 1 << 20
 # Reply chunk type of the mirrorpool TRIGGER extension: a JSON answer.
 REPLY_TYPE_TRIGGER = 0x4D50
 _ADMITTED = MUTATIONS | {Cmd.TRIGGER}
+_OP_NAMES = {
+    Cmd.READ: "read", Cmd.WRITE: "write", Cmd.FLUSH: "flush", Cmd.TRIM: "trim",
+    Cmd.WRITE_ZEROES: "zero", Cmd.CACHE: "cache", Cmd.BLOCK_STATUS: "block_status",
+    Cmd.TRIGGER: "trigger",
+}
 
 
 def error_code(exc: Exception) -> Errno:
@@ -77,8 +83,10 @@ class NbdServer:
         unix_path: str | None = None,
         workers_per_connection: int = 4,
         resolve: Callable[[Device, str], Export | None] = resolve_export,
+        io_stats: IoStats | None = None,
     ) -> None:
         self.device = device
+        self.io_stats = io_stats or IoStats()
         self.workers_per_connection = max(1, workers_per_connection)
         self.resolve = resolve
         self._listeners: list[socket.socket] = []
@@ -194,6 +202,7 @@ class Connection:
         self._pending = b""  # bytes received during negotiation past its end
         self.export: Export | None = None
         self.writes_primary = False
+        self._stats: dict[str, OpStats] = {}
         self._contexts: dict[int, str] = {}
         self._context_export: str | None = None
 
@@ -340,6 +349,7 @@ class Connection:
                 export.detach()
                 raise
         self.writes_primary = export.writes_primary
+        self._stats = self.server.io_stats.for_lu(export.name)
         if TRIGGER_CONTEXT in self._contexts.values():
             self.codec.payload_commands = frozenset({Cmd.WRITE, Cmd.TRIGGER})
         self.codec.enter_transmission()
@@ -454,13 +464,24 @@ class Connection:
     def _serve(
         self, cmd: c.Command, view: memoryview, verdict: tuple[Errno, str], ticket: object
     ) -> None:
+        started = time.monotonic()
+        ok = self._execute(cmd, view, verdict, ticket)
+        stats = self._stats.get(_OP_NAMES.get(cmd.type, "other"))
+        if stats is not None:
+            moved = cmd.length if cmd.type in (Cmd.READ, Cmd.WRITE) else 0
+            stats.observe(time.monotonic() - started, moved, not ok)
+
+    def _execute(
+        self, cmd: c.Command, view: memoryview, verdict: tuple[Errno, str], ticket: object
+    ) -> bool:
+        """Carry out one request and send its reply; False if the reply was an error."""
         structured = self.limits.structured_replies
         code, why = verdict
         if code:
             log.info("request refused", extra={"peer": self.peer, "cmd": cmd.type, "why": why})
             self._send(c.encode_error_reply(cmd.cookie, code, structured and cmd.type in
                                             (Cmd.READ, Cmd.BLOCK_STATUS), why))
-            return
+            return False
         export = self.export
         assert export is not None
         typ = cmd.type
@@ -469,7 +490,7 @@ class Connection:
                 if cmd.length == 0:  # nothing to read; a data chunk may not be empty
                     self._send(c.encode_done(cmd.cookie) if structured
                                else c.encode_simple_reply(cmd.cookie))
-                    return
+                    return True
                 data = view[: cmd.length]
                 export.read_into(data, cmd.offset)
                 if structured:
@@ -477,7 +498,7 @@ class Connection:
                                data)
                 else:
                     self._send(c.encode_simple_reply(cmd.cookie), data)
-                return
+                return True
             if typ == Cmd.WRITE:
                 export.write(ticket, view[: cmd.length], cmd.offset, bool(cmd.flags & CmdFlag.FUA))
             elif typ == Cmd.FLUSH:
@@ -489,14 +510,14 @@ class Connection:
             elif typ == Cmd.CACHE:
                 export.cache(cmd.offset, cmd.length)
             elif typ == Cmd.BLOCK_STATUS:
-                self._block_status(cmd)
-                return
+                return self._block_status(cmd)
             elif typ == Cmd.TRIGGER:
                 answer = json.dumps(export.trigger(ticket)).encode()
                 self._send(c.encode_chunk_header(cmd.cookie, REPLY_TYPE_TRIGGER, len(answer)),
                            answer)
-                return
+                return True
             self._send(c.encode_simple_reply(cmd.cookie))
+            return True
         except FastZeroUnsupported as exc:
             self._send(c.encode_simple_reply(cmd.cookie, exc.code))
         except (StoreError, MirrorpoolError) as exc:
@@ -504,8 +525,9 @@ class Connection:
             log.error("request failed", extra={"peer": self.peer, "cmd": typ, "error": str(exc)})
             self._send(c.encode_error_reply(cmd.cookie, code, structured and typ in
                                             (Cmd.READ, Cmd.BLOCK_STATUS, Cmd.TRIGGER), str(exc)))
+        return False
 
-    def _block_status(self, cmd: c.Command) -> None:
+    def _block_status(self, cmd: c.Command) -> bool:
         export = self.export
         assert export is not None
         chunks: list[bytes] = []
@@ -521,8 +543,9 @@ class Connection:
         if not chunks:
             self._send(c.encode_error_chunk(cmd.cookie, Errno.EINVAL,
                                             "no queryable meta context selected"))
-            return
+            return False
         self._send(*chunks, c.encode_done(cmd.cookie))
+        return True
 
 
 __all__ = ["ListenError", "NbdServer"]
