@@ -26,6 +26,7 @@ from mirrorpool.api.models import (
     TriggerAnswer,
     TriggerRequest,
 )
+from mirrorpool.device.check import check_device
 from mirrorpool.device.device import Device
 from mirrorpool.errors import InvalidRequest, MirrorpoolError
 from mirrorpool.metrics import IoStats, make_registry
@@ -148,6 +149,10 @@ def create_app(
     def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(registry).decode(),
                                  media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/check")
+    def check(repair: bool = False) -> dict:
+        return check_device(device, repair)
 
     @app.get("/v1/recovery")
     def recovery() -> dict:

@@ -7,6 +7,7 @@ import typer
 from mirrorpool import __version__
 from mirrorpool.cli import (
     backups_cmd,
+    check_cmd,
     diff_cmd,
     export_cmd,
     lu_cmd,
@@ -31,6 +32,7 @@ app.add_typer(backups_cmd.app, name="backups")
 export_cmd.register(app)
 diff_cmd.register(app)
 restore_cmd.register(app)
+check_cmd.register(app)
 
 
 @app.callback(invoke_without_command=True)
