@@ -1,11 +1,11 @@
 """The NBD server's I/O layer: sockets and threads around the sans-IO codec.
 
-Each connection negotiates in one thread, then serves transmission with a few
-worker threads in a leader/followers pattern: one worker at a time reads a
-request (header, then any WRITE payload straight into its own preallocated
-buffer), hands the socket on, and serves the request while the next worker
-reads the next one.  Pipelined requests therefore run concurrently, and no
-request is copied or handed between threads.
+Each connection has one thread that negotiates, then reads requests in order
+(header, then any WRITE payload straight into a preallocated buffer) and
+gives mutations their sequence numbers.  Quick requests are served right
+there; requests that may block (flush, triggers, block status, very large
+transfers) go to a small pool of helper threads, so pipelined requests behind
+them are served concurrently.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from mirrorpool.device.device import Device
 from mirrorpool.device.exports import (
@@ -45,6 +46,7 @@ MAX_PAYLOAD = 32 * 1024 * 1024
 # the client is not speaking NBD sensibly and the connection is closed.
 MAX_DRAIN = 4 * MAX_PAYLOAD
 MAX_OPTIONS = 4096
+READ_BUFFER = 256 * 1024
 NEGOTIATION_TIMEOUT = 60.0
 MAX_EXTENTS = 1024
 _DRAIN_CHUNK = 1 << 20
@@ -65,6 +67,40 @@ def error_code(exc: Exception) -> Errno:
     if isinstance(exc, TriggerRefused):
         return Errno.ENOSPC
     return Errno.EINVAL
+
+
+# Requests that may block for long are served off the reading thread.
+SLOW_TRANSFER = 4 * 1024 * 1024
+SLOW_RANGE = 64 * 1024 * 1024
+_ALWAYS_SLOW = frozenset({Cmd.FLUSH, Cmd.TRIGGER, Cmd.BLOCK_STATUS, Cmd.CACHE})
+_free_buffers: list[mmap.mmap] = []
+_buffers_lock = threading.Lock()
+MAX_FREE_BUFFERS = 16
+
+
+def _is_slow(cmd: c.Command) -> bool:
+    if cmd.type in _ALWAYS_SLOW:
+        return True
+    if cmd.type in (Cmd.READ, Cmd.WRITE):
+        return cmd.length >= SLOW_TRANSFER
+    return cmd.length >= SLOW_RANGE
+
+
+def _take_buffer() -> mmap.mmap:
+    """A payload buffer: anonymous memory, touched only where requests use it."""
+    with _buffers_lock:
+        if _free_buffers:
+            return _free_buffers.pop()
+    return mmap.mmap(-1, MAX_PAYLOAD)
+
+
+def _give_buffer(buf: mmap.mmap) -> None:
+    with _buffers_lock:
+        if len(_free_buffers) < MAX_FREE_BUFFERS:
+            _free_buffers.append(buf)
+            return
+    with contextlib.suppress(BufferError):  # a view still refers to it: let GC free it
+        buf.close()
 
 
 class ListenError(Exception):
@@ -196,7 +232,6 @@ class Connection:
         self.peer = peer
         self.codec = c.ServerCodec()
         self.finished = threading.Event()
-        self._recv_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._closing = False
         self._pending = b""  # bytes received during negotiation past its end
@@ -368,18 +403,12 @@ class Connection:
             extra_commands=frozenset({Cmd.TRIGGER})
             if TRIGGER_CONTEXT in self._contexts.values() else frozenset(),
         )
+        self._pool: ThreadPoolExecutor | None = None
         try:
-            workers = [
-                threading.Thread(target=self._worker, args=(False,), name=f"nbd-w{i}-{self.peer}",
-                                 daemon=True)
-                for i in range(1, self.server.workers_per_connection)
-            ]
-            for t in workers:
-                t.start()
-            self._worker(True)
-            for t in workers:
-                t.join()
+            self._read_loop()
         finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)  # requests in flight are answered first
             if export.lu is not None:
                 self.server.device.detach(export.lu, self)
             export.detach()
@@ -398,45 +427,148 @@ class Connection:
                 raise _PeerClosed("peer closed the connection")
             view = view[n:]
 
-    def _worker(self, reports_errors: bool) -> None:
-        header = bytearray(c.REQUEST_HEADER_SIZE)
-        header_view = memoryview(header)
-        # Anonymous memory: pages are only touched when a request uses them.
-        buf = mmap.mmap(-1, MAX_PAYLOAD)
+    def _read_loop(self) -> None:
+        """Read requests in order; serve quick ones here, hand slow ones to helpers.
+
+        Serving page-cache reads and writes in the reading thread avoids a
+        thread switch per request, the costliest thing in this data path.
+        Requests are read in batches (one recv may bring many pipelined ones,
+        WRITE payloads are used where they landed) and their replies leave
+        together just before the thread would wait for more.  Requests that
+        may block (flush, triggers, block status, very large transfers) go to
+        a small per-connection pool, so later requests are not held up.
+        """
+        rbuf = bytearray(READ_BUFFER)
+        rview = memoryview(rbuf)
+        start = 0
+        end = len(self._pending)
+        rview[:end] = self._pending
+        self._pending = b""
+        buf = _take_buffer()  # read replies and large payloads, in request order
         view = memoryview(buf)
+        used = 0  # bytes of ``view`` holding replies not yet sent
+        out: list[bytes | memoryview] = []
         codec = self.codec
+        recv_into = self.sock.recv_into
+        header_size = c.REQUEST_HEADER_SIZE
+
+        def flush() -> None:
+            nonlocal used
+            if out:
+                self._send(*out)
+                out.clear()
+            used = 0
+
+        def fill(need: int) -> None:
+            """Make at least ``need`` bytes available at rbuf[start:end]."""
+            nonlocal start, end
+            if start:
+                rview[: end - start] = rview[start:end]
+                end -= start
+                start = 0
+            while end < need:
+                if out:
+                    flush()  # about to wait: let the replies go first
+                n = recv_into(rview[end:])
+                if n == 0:
+                    raise _PeerClosed("peer closed the connection")
+                end += n
+
         try:
-            while True:
-                with self._recv_lock:
-                    if self._closing:
-                        return
-                    try:
-                        self._recv_exact(header_view)
-                        cmd = codec.decode_command(header_view)
-                        if cmd.payload_length:
-                            if cmd.payload_length > MAX_PAYLOAD:
-                                self._drain(cmd.payload_length)
+            while not self._closing:
+                try:
+                    if end - start < header_size:
+                        fill(header_size)
+                    cmd = codec.decode_command(rview[start : start + header_size])
+                    start += header_size
+                    slow = _is_slow(cmd)
+                    spare = None
+                    n = cmd.payload_length
+                    payload = view
+                    if n:
+                        if n > MAX_PAYLOAD:
+                            self._drain_buffered(cmd.payload_length, rview, start, end)
+                            start = end = 0
+                        else:
+                            if slow:
+                                spare = _take_buffer()
+                                dst = memoryview(spare)
+                            elif end - start >= n:
+                                dst = None  # the payload is already here
                             else:
-                                self._recv_exact(view[: cmd.payload_length])
-                                codec.payload_consumed(cmd.payload_length)
-                    except (_PeerClosed, OSError, c.ProtocolError):
-                        self._close_transmission()
-                        raise
-                    if cmd.type == Cmd.DISC:
-                        self._closing = True
-                        return
-                    verdict = c.check_command(cmd, self.limits)
-                    ticket = None
-                    if not verdict[0] and cmd.type in _ADMITTED:
-                        # Sequence numbers are given here, in the order requests arrived.
-                        try:
-                            ticket = self.export.admit(cmd, view[: cmd.payload_length])
-                        except (MirrorpoolError, StoreError) as exc:
-                            verdict = (error_code(exc), str(exc))
-                self._serve(cmd, view, verdict, ticket)
-        except (_PeerClosed, OSError, c.ProtocolError):
-            if reports_errors:
-                raise
+                                if used + n > MAX_PAYLOAD:
+                                    flush()
+                                dst = view[used:]
+                            if dst is None:
+                                payload = rview[start : start + n]
+                                start += n
+                            else:
+                                have = min(end - start, n)
+                                dst[:have] = rview[start : start + have]
+                                start += have
+                                if have < n:
+                                    self._recv_exact(dst[have:n])
+                                payload = dst
+                            codec.payload_consumed(n)
+                except (_PeerClosed, OSError, c.ProtocolError):
+                    self._close_transmission()
+                    raise
+                if cmd.type == Cmd.DISC:
+                    self._closing = True
+                    return
+                verdict = c.check_command(cmd, self.limits)
+                ticket = None
+                if not verdict[0] and cmd.type in _ADMITTED:
+                    # Sequence numbers are given here, in the order requests arrived.
+                    try:
+                        ticket = self.export.admit(cmd, payload[:n])
+                    except (MirrorpoolError, StoreError) as exc:
+                        verdict = (error_code(exc), str(exc))
+                if slow:
+                    if spare is None and cmd.type == Cmd.READ:
+                        spare = _take_buffer()
+                        payload = memoryview(spare)
+                    self._helpers().submit(self._serve_then_release, cmd, payload, verdict,
+                                           ticket, spare)
+                    continue
+                if cmd.type == Cmd.READ:
+                    if used + cmd.length > MAX_PAYLOAD:
+                        flush()
+                    payload = view[used:]
+                    used += cmd.length
+                self._serve(cmd, payload, verdict, ticket, out)
+                if len(out) > 256:
+                    flush()
+            flush()
+        finally:
+            _give_buffer(buf)
+
+    def _drain_buffered(self, n: int, rview: memoryview, start: int, end: int) -> None:
+        """Skip an oversized WRITE payload, part of which may already be buffered."""
+        have = min(end - start, n)
+        self.codec.payload_consumed(have)
+        self._drain(n - have)
+
+    def _helpers(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=max(1, self.server.workers_per_connection - 1),
+                thread_name_prefix=f"nbd-{self.peer}",
+            )
+        return self._pool
+
+    def _serve_then_release(self, cmd: c.Command, view: memoryview,
+                            verdict: tuple[Errno, str], ticket: object,
+                            spare: mmap.mmap | None) -> None:
+        try:
+            self._serve(cmd, view, verdict, ticket)
+        except OSError:
+            pass  # the peer went away; the reader reports it
+        except Exception:
+            log.exception("request failed", extra={"peer": self.peer})
+        finally:
+            if spare is not None:
+                _give_buffer(spare)
 
     def _close_transmission(self) -> None:
         self._closing = True
@@ -453,6 +585,12 @@ class Connection:
             self.codec.payload_consumed(take)
             n -= take
 
+    def _respond(self, out: list[bytes | memoryview] | None, *parts: bytes | memoryview) -> None:
+        if out is None:
+            self._send(*parts)
+        else:
+            out.extend(parts)
+
     def _send(self, *parts: bytes | memoryview) -> None:
         with self._send_lock:
             sent = self.sock.sendmsg(parts)
@@ -462,24 +600,27 @@ class Connection:
                 self.sock.sendall(rest)
 
     def _serve(
-        self, cmd: c.Command, view: memoryview, verdict: tuple[Errno, str], ticket: object
+        self, cmd: c.Command, view: memoryview, verdict: tuple[Errno, str], ticket: object,
+        out: list[bytes | memoryview] | None = None,
     ) -> None:
+        """Serve one request; its reply goes to ``out`` if given, else straight out."""
         started = time.monotonic()
-        ok = self._execute(cmd, view, verdict, ticket)
+        ok = self._execute(cmd, view, verdict, ticket, out)
         stats = self._stats.get(_OP_NAMES.get(cmd.type, "other"))
         if stats is not None:
             moved = cmd.length if cmd.type in (Cmd.READ, Cmd.WRITE) else 0
             stats.observe(time.monotonic() - started, moved, not ok)
 
     def _execute(
-        self, cmd: c.Command, view: memoryview, verdict: tuple[Errno, str], ticket: object
+        self, cmd: c.Command, view: memoryview, verdict: tuple[Errno, str], ticket: object,
+        out: list[bytes | memoryview] | None,
     ) -> bool:
         """Carry out one request and send its reply; False if the reply was an error."""
         structured = self.limits.structured_replies
         code, why = verdict
         if code:
             log.info("request refused", extra={"peer": self.peer, "cmd": cmd.type, "why": why})
-            self._send(c.encode_error_reply(cmd.cookie, code, structured and cmd.type in
+            self._respond(out, c.encode_error_reply(cmd.cookie, code, structured and cmd.type in
                                             (Cmd.READ, Cmd.BLOCK_STATUS), why))
             return False
         export = self.export
@@ -488,16 +629,16 @@ class Connection:
         try:
             if typ == Cmd.READ:
                 if cmd.length == 0:  # nothing to read; a data chunk may not be empty
-                    self._send(c.encode_done(cmd.cookie) if structured
+                    self._respond(out, c.encode_done(cmd.cookie) if structured
                                else c.encode_simple_reply(cmd.cookie))
                     return True
                 data = view[: cmd.length]
                 export.read_into(data, cmd.offset)
                 if structured:
-                    self._send(c.encode_offset_data_header(cmd.cookie, cmd.offset, cmd.length),
-                               data)
+                    header = c.encode_offset_data_header(cmd.cookie, cmd.offset, cmd.length)
+                    self._respond(out, header, data)
                 else:
-                    self._send(c.encode_simple_reply(cmd.cookie), data)
+                    self._respond(out, c.encode_simple_reply(cmd.cookie), data)
                 return True
             if typ == Cmd.WRITE:
                 export.write(ticket, view[: cmd.length], cmd.offset, bool(cmd.flags & CmdFlag.FUA))
@@ -510,24 +651,24 @@ class Connection:
             elif typ == Cmd.CACHE:
                 export.cache(cmd.offset, cmd.length)
             elif typ == Cmd.BLOCK_STATUS:
-                return self._block_status(cmd)
+                return self._block_status(cmd, out)
             elif typ == Cmd.TRIGGER:
                 answer = json.dumps(export.trigger(ticket)).encode()
-                self._send(c.encode_chunk_header(cmd.cookie, REPLY_TYPE_TRIGGER, len(answer)),
-                           answer)
+                header = c.encode_chunk_header(cmd.cookie, REPLY_TYPE_TRIGGER, len(answer))
+                self._respond(out, header, answer)
                 return True
-            self._send(c.encode_simple_reply(cmd.cookie))
+            self._respond(out, c.encode_simple_reply(cmd.cookie))
             return True
         except FastZeroUnsupported as exc:
-            self._send(c.encode_simple_reply(cmd.cookie, exc.code))
+            self._respond(out, c.encode_simple_reply(cmd.cookie, exc.code))
         except (StoreError, MirrorpoolError) as exc:
             code = error_code(exc)
             log.error("request failed", extra={"peer": self.peer, "cmd": typ, "error": str(exc)})
-            self._send(c.encode_error_reply(cmd.cookie, code, structured and typ in
+            self._respond(out, c.encode_error_reply(cmd.cookie, code, structured and typ in
                                             (Cmd.READ, Cmd.BLOCK_STATUS, Cmd.TRIGGER), str(exc)))
         return False
 
-    def _block_status(self, cmd: c.Command) -> bool:
+    def _block_status(self, cmd: c.Command, out: list[bytes | memoryview] | None) -> bool:
         export = self.export
         assert export is not None
         chunks: list[bytes] = []
@@ -541,10 +682,10 @@ class Connection:
             runs = [(e.length, int(e.flags)) for e in extents]
             chunks.append(c.encode_block_status(cmd.cookie, context_id, runs))
         if not chunks:
-            self._send(c.encode_error_chunk(cmd.cookie, Errno.EINVAL,
+            self._respond(out, c.encode_error_chunk(cmd.cookie, Errno.EINVAL,
                                             "no queryable meta context selected"))
             return False
-        self._send(*chunks, c.encode_done(cmd.cookie))
+        self._respond(out, *chunks, c.encode_done(cmd.cookie))
         return True
 
 
