@@ -23,7 +23,8 @@ def status_command(api: ApiOption = DEFAULT_API, as_json: JsonOption = False) ->
         f"connections {status['connections']}",
         highlight=False,
     )
-    table = Table("LU", "size", "pool", "active", "state", "gens", "last trigger", "conns")
+    table = Table("LU", "size", "pool", "active", "state", "generations", "last trigger",
+                  "connections")
     for lu in status["lus"]:
         mirror = lu.get("mirror") or {}
         state = mirror.get("active_state", "")

@@ -131,6 +131,7 @@ class BackupService:
             view = volume.generation_view(gen)
             total = len(chunks)
             done = 0
+            copied = 0
             buf = bytearray(RESTORE_RUN * CHUNK)
             for first, count in chunk_runs(chunks, RESTORE_RUN):
                 offset = first * CHUNK
@@ -140,15 +141,15 @@ class BackupService:
                 op = volume.begin(offset, length)
                 volume.write(op, data, offset)
                 done += count
+                copied += length
                 if progress:
                     progress(done, total)
             volume.flush()
         finally:
             with volume.seq.lock:
                 member.readers -= 1
-        log.info("restored", extra={"lu": name, "gen": gen, "chunks": total})
-        return {"lu": name, "gen": gen, "chunks_copied": total,
-                "bytes_copied": min(total * CHUNK, volume.size)}
+        log.info("restored", extra={"lu": name, "gen": gen, "chunks": total, "bytes": copied})
+        return {"lu": name, "gen": gen, "chunks_copied": total, "bytes_copied": copied}
 
     # ------------------------------------------------------------ pool size
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from mirrorpool.nbd.codec import Command
 
 # A metadata context turns a range into runs for BLOCK_STATUS (None: not queryable).
-ContextSource = Callable[[int, int], list[Extent]] | None
+ContextSource = Callable[[int, int, int], list[Extent]] | None
 
 TRIGGER_CONTEXT = "mirrorpool:trigger"
 CHANGED_PREFIX = "mirrorpool:changed:"
@@ -304,11 +304,12 @@ def _label(payload: memoryview) -> str:
 
 
 def _changed_source(chunks_now: Callable[[], object], size: int) -> ContextSource:
-    def source(offset: int, length: int) -> list[Extent]:
+    def source(offset: int, length: int, limit: int) -> list[Extent]:
         chunks = chunks_now()
+        runs = byte_extents(chunks, size, offset, length)  # type: ignore[arg-type]
         return [
             Extent(off, n, AllocationFlag(CHANGED_FLAG if changed else 0))
-            for off, n, changed in byte_extents(chunks, size, offset, length)  # type: ignore[arg-type]
+            for off, n, changed in runs[:limit]
         ]
 
     return source

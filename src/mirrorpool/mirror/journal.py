@@ -1,9 +1,10 @@
 """Crash journal of a primary: what recovery must treat as changed or divergent.
 
-Two records live in one small file per primary, both written with plain
-``pwrite`` before the data they describe is written (so they survive a crash
-of the process; with ``sync=True`` each new entry is also made durable first,
-which covers a power loss at the price of one device flush per entry):
+Two records live in one small file per primary, both stored (through a shared
+memory mapping of the file) before the data they describe is written, so they
+survive a crash of the process; with ``sync=True`` each new entry is also made
+durable first, which covers a power loss at the price of one device flush per
+entry:
 
 * **write-intent slots**: the chunks that may have writes in flight, as a
   bounded set (an activity log, as in DRBD).  A chunk enters before its first
@@ -18,6 +19,7 @@ which covers a power loss at the price of one device flush per entry):
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from collections import OrderedDict
@@ -51,8 +53,16 @@ class Journal:
         self._slot_of: dict[int, int] = {}
         self._free_slots = list(range(slots - 1, -1, -1))
         self._regions = bytearray(self._bitmap_bytes)
+        self._map: mmap.mmap | None = None
         if not exists or os.fstat(self._fd).st_size < HEADER_SIZE:
             self._format()
+        self._remap()
+
+    def _remap(self) -> None:
+        """Entries are stored through a shared mapping: no system call on the data path."""
+        if self._map is not None:
+            self._map.close()
+        self._map = mmap.mmap(self._fd, os.fstat(self._fd).st_size)
 
     # ------------------------------------------------------------ layout
 
@@ -63,6 +73,9 @@ class Journal:
         return HEADER_SIZE + self.slots * 8 + which * self._bitmap_bytes
 
     def _format(self) -> None:
+        if getattr(self, "_map", None) is not None:
+            self._map.close()  # type: ignore[union-attr]
+            self._map = None
         size = self._bitmap_offset(2)
         os.ftruncate(self._fd, 0)
         os.ftruncate(self._fd, size)
@@ -116,6 +129,7 @@ class Journal:
         self._format()
         os.pwrite(self._fd, bytes(self._regions), self._bitmap_offset(0))
         os.fsync(self._fd)
+        self._remap()
 
     # ------------------------------------------------------------ data path
 
@@ -135,11 +149,10 @@ class Journal:
             byte, bit = divmod(region, 8)
             if not self._regions[byte] & (1 << bit):
                 self._regions[byte] |= 1 << bit
-                os.pwrite(self._fd, bytes([self._regions[byte]]),
-                          self._bitmap_offset(self._current) + byte)
+                self._map[self._bitmap_offset(self._current) + byte] = self._regions[byte]  # type: ignore[index]
                 dirty = True
         if dirty and self.sync:
-            os.fdatasync(self._fd)
+            self._map.flush()  # type: ignore[union-attr]
 
     def end(self, first: int, stop: int) -> None:
         for chunk in range(first, stop):
@@ -152,7 +165,8 @@ class Journal:
             self._evict()
         slot = self._free_slots.pop() if self._free_slots else self._steal_slot()
         self._slot_of[chunk] = slot
-        os.pwrite(self._fd, struct.pack(">Q", chunk), self._slots_offset() + slot * 8)
+        offset = self._slots_offset() + slot * 8
+        self._map[offset : offset + 8] = struct.pack(">Q", chunk)  # type: ignore[index]
 
     def _evict(self) -> None:
         for chunk, count in self._hot.items():
@@ -166,6 +180,7 @@ class Journal:
         self.slots += 1
         os.ftruncate(self._fd, self._bitmap_offset(2))
         self._rewrite_all()
+        self._remap()
         return self.slots - 1
 
     def _rewrite_all(self) -> None:
@@ -201,6 +216,9 @@ class Journal:
             os.pwrite(self._fd, bytes(self._bitmap_bytes), self._bitmap_offset(self._current ^ 1))
 
     def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

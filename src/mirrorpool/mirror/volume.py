@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pyroaring import BitMap
@@ -32,6 +33,8 @@ from mirrorpool.store import Extent, FileStore, StoreError
 log = logging.getLogger("mirrorpool.mirror")
 
 COPY_RUN = 16  # chunks per background copy step (1 MiB)
+PARALLEL_WRITE = 256 * 1024  # from this size the backup is written beside the primary
+_mirror_io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mirror-io")
 
 
 class TriggerRefused(Conflict):
@@ -131,8 +134,19 @@ class MirroredVolume:
         try:
             if self._cow:
                 self._copy_before_write(op)
-            self.primary.write(data, offset, fua)
             target = op.target
+            if target is not None and len(data) >= PARALLEL_WRITE:
+                # big copies into the page cache run on both cores at once
+                backup = _mirror_io.submit(target.store.write, data, offset, fua)  # type: ignore[attr-defined]
+                try:
+                    self.primary.write(data, offset, fua)
+                finally:
+                    try:
+                        backup.result()
+                    except StoreError as exc:
+                        self._member_failed(target, exc)  # type: ignore[arg-type]
+                return
+            self.primary.write(data, offset, fua)
             if target is not None:
                 try:
                     target.store.write(data, offset, fua)  # type: ignore[attr-defined]
@@ -323,6 +337,10 @@ class MirroredVolume:
         """
         with self.seq.lock:
             removable = recycle_order(self.members)
+            if count == len(self.members) and self.active is not None:
+                # pool 0: mirroring is switched off, so the active backup goes as well
+                removable.append(self.active)
+                self.active = None
             if len(removable) < count:
                 raise Conflict(
                     f"cannot shrink the pool of {self.name!r} by {count}: only"
@@ -534,13 +552,13 @@ class GenerationView:
         finally:
             volume.seq.finish(op)
 
-    def extents(self, offset: int, length: int) -> list[Extent]:
+    def extents(self, offset: int, length: int, limit: int | None = None) -> list[Extent]:
         member = self.member
         member.split_done.wait()
         if member.pending:
             end = min(offset + length, self.size)
             return [Extent(offset, end - offset, AllocationFlag(0))]
-        return member.store.extents(offset, length)
+        return member.store.extents(offset, length, limit)
 
     def flush(self) -> None:
         pass

@@ -70,7 +70,7 @@ def error_code(exc: Exception) -> Errno:
 
 
 # Requests that may block for long are served off the reading thread.
-SLOW_TRANSFER = 4 * 1024 * 1024
+SLOW_TRANSFER = 256 * 1024
 SLOW_RANGE = 64 * 1024 * 1024
 _ALWAYS_SLOW = frozenset({Cmd.FLUSH, Cmd.TRIGGER, Cmd.BLOCK_STATUS, Cmd.CACHE})
 _free_buffers: list[mmap.mmap] = []
@@ -621,7 +621,8 @@ class Connection:
         if code:
             log.info("request refused", extra={"peer": self.peer, "cmd": cmd.type, "why": why})
             self._respond(out, c.encode_error_reply(cmd.cookie, code, structured and cmd.type in
-                                            (Cmd.READ, Cmd.BLOCK_STATUS), why))
+                                                    (Cmd.READ, Cmd.BLOCK_STATUS, Cmd.TRIGGER),
+                                                    why))
             return False
         export = self.export
         assert export is not None
@@ -676,9 +677,8 @@ class Connection:
             source = export.contexts.get(name)
             if source is None:
                 continue  # e.g. mirrorpool:trigger, which marks a capability, not data
-            extents = source(cmd.offset, cmd.length)[:MAX_EXTENTS]
-            if cmd.flags & CmdFlag.REQ_ONE:
-                extents = extents[:1]
+            limit = 1 if cmd.flags & CmdFlag.REQ_ONE else MAX_EXTENTS
+            extents = source(cmd.offset, cmd.length, limit)[:limit]
             runs = [(e.length, int(e.flags)) for e in extents]
             chunks.append(c.encode_block_status(cmd.cookie, context_id, runs))
         if not chunks:

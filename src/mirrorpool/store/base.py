@@ -72,8 +72,8 @@ class BlockStore(Protocol):
 
     def cache(self, offset: int, length: int) -> None: ...
 
-    def extents(self, offset: int, length: int) -> list[Extent]:
-        """Allocation of [offset, offset+length), covering at least the first byte."""
+    def extents(self, offset: int, length: int, limit: int | None = None) -> list[Extent]:
+        """Allocation of [offset, offset+length) from the start, at most ``limit`` runs."""
 
     def resize(self, size: int) -> None: ...
 

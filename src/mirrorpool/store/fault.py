@@ -123,8 +123,8 @@ class FaultStore:
     def cache(self, offset: int, length: int) -> None:
         self.inner.cache(offset, length)
 
-    def extents(self, offset: int, length: int) -> list[Extent]:
-        return self.inner.extents(offset, length)
+    def extents(self, offset: int, length: int, limit: int | None = None) -> list[Extent]:
+        return self.inner.extents(offset, length, limit)
 
     def resize(self, size: int) -> None:
         self.inner.resize(size)

@@ -152,14 +152,14 @@ class FileStore:
     def cache(self, offset: int, length: int) -> None:
         os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
-    def extents(self, offset: int, length: int) -> list[Extent]:
+    def extents(self, offset: int, length: int, limit: int | None = None) -> list[Extent]:
         end = min(offset + length, self._size)
         if self.is_block_device:
             return [Extent(offset, end - offset, AllocationFlag(0))]
         out: list[Extent] = []
         pos = offset
         try:
-            while pos < end:
+            while pos < end and (limit is None or len(out) < limit):
                 try:
                     data = os.lseek(self._fd, pos, os.SEEK_DATA)
                 except OSError as exc:
