@@ -155,10 +155,6 @@ def test_restore_refuses_generation_zero(device: DeviceProcess) -> None:
         api_delete(device, name)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: restore reports bytes_copied = chunks * 64 KiB (capped at the LU size), "
-    "so a changed partial last chunk is counted as a whole chunk "
-    "(device/backups.py restore: min(total * CHUNK, volume.size))"))
 def test_restore_counts_the_bytes_of_a_partial_last_chunk(device: DeviceProcess) -> None:
     size = MiB + 4096  # 16 whole chunks and a last one of 4 KiB
     name = api_create(device, size, pool=3)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import re
 import time
 
-import pytest
-
 from tests.cli.conftest import (
     api_create,
     api_delete,
@@ -249,11 +247,6 @@ def test_trigger_refuses_a_label_with_control_characters(device: DeviceProcess) 
         api_delete(device, name)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: a refused in-band TRIGGER is answered with a bare ENOSPC (simple reply, "
-    "no message) when it is refused at admission, so `trigger --in-band` prints only "
-    "'server error ENOSPC' instead of why (nbd/server.py _serve: the verdict path sends a "
-    "structured error only for READ/BLOCK_STATUS, not TRIGGER)"))
 def test_in_band_trigger_refusal_says_why(device: DeviceProcess) -> None:
     name = api_create(device, "1M", pool=2)
     try:

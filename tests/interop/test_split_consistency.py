@@ -455,11 +455,6 @@ def test_trigger_while_the_active_backup_is_syncing_is_exact(
         api(device, "DELETE", f"/v1/lus/{name}?force=true", expect=204)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: BLOCK_STATUS costs O(extents to the end of the requested range) even with "
-    "REQ_ONE (FileStore.extents maps the whole range before nbd/server.py cuts the list), "
-    "and qemu asks extent by extent over the rest of the export: qemu-img convert of a "
-    "64 MiB generation with 1024 data extents takes ~15 s (nbdcopy: 0.2 s)"))
 def test_qemu_img_copies_a_generation_with_many_extents_in_time(
     device: DeviceProcess, tmp_path: Path
 ) -> None:
