@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import threading
 from dataclasses import dataclass
 
@@ -14,7 +13,8 @@ from mirrorpool.api.app import create_app
 from mirrorpool.device.device import Device
 from mirrorpool.errors import DeviceBusy
 from mirrorpool.metrics import IoStats
-from mirrorpool.nbd.server import ListenError, NbdServer
+from mirrorpool.nbd.server import NbdServer
+from mirrorpool.net import ListenError, listen_tcp
 
 log = logging.getLogger("mirrorpool.serve")
 
@@ -36,21 +36,6 @@ class ServeConfig:
     fault_injection: bool = False
 
 
-def _bind_api(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise StartError(
-            f"cannot listen for the control API on {host}:{port}: {exc.strerror}"
-        ) from None
-    sock.listen(128)
-    return sock
-
-
 class RunningDevice:
     """A started device: call stop() to shut it down cleanly."""
 
@@ -70,7 +55,7 @@ class RunningDevice:
                 workers_per_connection=config.workers_per_connection,
                 io_stats=self.io_stats,
             )
-            api_sock = _bind_api(config.api_host, config.api_port)
+            api_sock = listen_tcp(config.api_host, config.api_port, "the control API")
         except (ListenError, StartError) as exc:
             if hasattr(self, "nbd"):
                 self.nbd.stop()

@@ -2,35 +2,31 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, field_validator
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, Field
 
 from mirrorpool.device.device import LogicalUnit
 from mirrorpool.sizes import parse_size
 
 
+def _human_size(value: object) -> object:
+    return parse_size(value) if isinstance(value, str) else value
+
+
+# bytes, or a string such as "64M"
+Size = Annotated[int, BeforeValidator(_human_size)]
+
+
 class LuCreate(BaseModel):
     name: str = Field(description="LU name: letters, digits, '.', '_', '-'")
-    size: int | None = Field(None, description="bytes; '64M' style strings are accepted too")
+    size: Size | None = Field(None, description="bytes; '64M' style strings are accepted too")
     pool: int = Field(3, ge=0, le=64, description="backup pool size; 0 means no backups")
     backing: str | None = Field(None, description="existing file or block device to use")
 
-    @field_validator("size", mode="before")
-    @classmethod
-    def _size(cls, value: object) -> object:
-        if isinstance(value, str):
-            return parse_size(value)
-        return value
-
 
 class LuResize(BaseModel):
-    size: int
-
-    @field_validator("size", mode="before")
-    @classmethod
-    def _size(cls, value: object) -> object:
-        if isinstance(value, str):
-            return parse_size(value)
-        return value
+    size: Size
 
 
 class LuInfo(BaseModel):

@@ -35,6 +35,7 @@ from mirrorpool.metrics import IoStats, OpStats
 from mirrorpool.mirror.volume import TriggerRefused
 from mirrorpool.nbd import codec as c
 from mirrorpool.nbd.constants import Cmd, CmdFlag, Errno, Info, Opt, Rep
+from mirrorpool.net import ListenError, listen_tcp
 from mirrorpool.store import FastZeroUnsupported, StoreError
 
 log = logging.getLogger("mirrorpool.nbd")
@@ -103,10 +104,6 @@ def _give_buffer(buf: mmap.mmap) -> None:
         buf.close()
 
 
-class ListenError(Exception):
-    pass
-
-
 class _PeerClosed(Exception):
     pass
 
@@ -137,15 +134,7 @@ class NbdServer:
             self._listen_unix(unix_path)
 
     def _listen_tcp(self, host: str, port: int) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise ListenError(f"cannot listen for NBD on {host}:{port}: {exc.strerror}") from exc
-        sock.listen(128)
+        sock = listen_tcp(host, port, "NBD")
         self._listeners.append(sock)
         bound = sock.getsockname()
         self.port = bound[1]
