@@ -484,19 +484,24 @@ def encode_error_reply(cookie: int, error: int, structured: bool, message: str =
 # ------------------------------------------------------------ validation
 
 # FUA is valid on every command (the server may ignore it where it means nothing).
+# Plain ints: this table is consulted for every request.
 _ALLOWED_FLAGS: dict[int, int] = {
-    Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
-    Cmd.WRITE: CmdFlag.FUA,
-    Cmd.DISC: CmdFlag.FUA,
-    Cmd.FLUSH: CmdFlag.FUA,
-    Cmd.TRIM: CmdFlag.FUA,
-    Cmd.CACHE: CmdFlag.FUA,
-    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
-    Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE,
+    int(Cmd.READ): int(CmdFlag.FUA | CmdFlag.DF),
+    int(Cmd.WRITE): int(CmdFlag.FUA),
+    int(Cmd.DISC): int(CmdFlag.FUA),
+    int(Cmd.FLUSH): int(CmdFlag.FUA),
+    int(Cmd.TRIM): int(CmdFlag.FUA),
+    int(Cmd.CACHE): int(CmdFlag.FUA),
+    int(Cmd.WRITE_ZEROES): int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO),
+    int(Cmd.BLOCK_STATUS): int(CmdFlag.FUA | CmdFlag.REQ_ONE),
 }
 
-_MUTATIONS = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
-_RANGED = frozenset({Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES, Cmd.BLOCK_STATUS})
+_MUTATIONS = frozenset(int(c) for c in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES))
+_RANGED = frozenset(int(c) for c in (Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.CACHE,
+                                     Cmd.WRITE_ZEROES, Cmd.BLOCK_STATUS))
+_TRANSFERS = frozenset(int(c) for c in (Cmd.READ, Cmd.WRITE))
+_ALLOCATING = frozenset(int(c) for c in (Cmd.WRITE, Cmd.WRITE_ZEROES))
+_OK = (Errno.OK, "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,27 +515,29 @@ class ExportLimits:
 
 def check_command(cmd: Command, limits: ExportLimits) -> tuple[Errno, str]:
     """The protocol's verdict on a request before any data is touched."""
-    allowed = _ALLOWED_FLAGS.get(cmd.type)
+    typ = cmd.type
+    allowed = _ALLOWED_FLAGS.get(typ)
     if allowed is None:
-        if cmd.type in limits.extra_commands:
-            return Errno.OK, ""
-        return Errno.EINVAL, f"unknown command {cmd.type}"
-    if cmd.flags & ~int(allowed):
-        return Errno.EINVAL, f"flags 0x{cmd.flags:x} not valid for command {Cmd(cmd.type).name}"
-    if cmd.type == Cmd.BLOCK_STATUS and not limits.structured_replies:
-        return Errno.EINVAL, "block status needs structured replies"
-    if cmd.type in _MUTATIONS and limits.read_only:
+        if typ in limits.extra_commands:
+            return _OK
+        return Errno.EINVAL, f"unknown command {typ}"
+    if cmd.flags & ~allowed:
+        return Errno.EINVAL, f"flags 0x{cmd.flags:x} not valid for command {Cmd(typ).name}"
+    if typ == Cmd.BLOCK_STATUS:
+        if not limits.structured_replies:
+            return Errno.EINVAL, "block status needs structured replies"
+        if cmd.length == 0:
+            return Errno.EINVAL, "block status of zero length"
+    if limits.read_only and typ in _MUTATIONS:
         return Errno.EPERM, "export is read-only"
-    if cmd.type in (Cmd.READ, Cmd.WRITE) and cmd.length > limits.max_payload:
-        return Errno.EOVERFLOW if cmd.type == Cmd.READ else Errno.EINVAL, (
+    if typ in _TRANSFERS and cmd.length > limits.max_payload:
+        return Errno.EOVERFLOW if typ == Cmd.READ else Errno.EINVAL, (
             f"length {cmd.length} exceeds the maximum payload {limits.max_payload}"
         )
-    if cmd.type in _RANGED and cmd.offset + cmd.length > limits.size:
-        code = Errno.ENOSPC if cmd.type in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.EINVAL
+    if typ in _RANGED and cmd.offset + cmd.length > limits.size:
+        code = Errno.ENOSPC if typ in _ALLOCATING else Errno.EINVAL
         return code, f"range {cmd.offset}+{cmd.length} beyond export size {limits.size}"
-    if cmd.type == Cmd.BLOCK_STATUS and cmd.length == 0:
-        return Errno.EINVAL, "block status of zero length"
-    return Errno.OK, ""
+    return _OK
 
 
 def export_flags(read_only: bool, structured_replies: bool = True) -> int:

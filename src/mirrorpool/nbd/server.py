@@ -53,11 +53,13 @@ MAX_EXTENTS = 1024
 _DRAIN_CHUNK = 1 << 20
 # Reply chunk type of the mirrorpool TRIGGER extension: a JSON answer.
 REPLY_TYPE_TRIGGER = 0x4D50
-_ADMITTED = MUTATIONS | {Cmd.TRIGGER}
+_ADMITTED = frozenset(int(c) for c in (*MUTATIONS, Cmd.TRIGGER))
 _OP_NAMES = {
-    Cmd.READ: "read", Cmd.WRITE: "write", Cmd.FLUSH: "flush", Cmd.TRIM: "trim",
-    Cmd.WRITE_ZEROES: "zero", Cmd.CACHE: "cache", Cmd.BLOCK_STATUS: "block_status",
-    Cmd.TRIGGER: "trigger",
+    int(k): v for k, v in {
+        Cmd.READ: "read", Cmd.WRITE: "write", Cmd.FLUSH: "flush", Cmd.TRIM: "trim",
+        Cmd.WRITE_ZEROES: "zero", Cmd.CACHE: "cache", Cmd.BLOCK_STATUS: "block_status",
+        Cmd.TRIGGER: "trigger",
+    }.items()
 }
 
 
@@ -73,7 +75,8 @@ def error_code(exc: Exception) -> Errno:
 # Requests that may block for long are served off the reading thread.
 SLOW_TRANSFER = 256 * 1024
 SLOW_RANGE = 64 * 1024 * 1024
-_ALWAYS_SLOW = frozenset({Cmd.FLUSH, Cmd.TRIGGER, Cmd.BLOCK_STATUS, Cmd.CACHE})
+_ALWAYS_SLOW = frozenset(int(c) for c in (Cmd.FLUSH, Cmd.TRIGGER, Cmd.BLOCK_STATUS, Cmd.CACHE))
+_FUA = int(CmdFlag.FUA)
 _free_buffers: list[mmap.mmap] = []
 _buffers_lock = threading.Lock()
 MAX_FREE_BUFFERS = 16
@@ -631,7 +634,7 @@ class Connection:
                     self._respond(out, c.encode_simple_reply(cmd.cookie), data)
                 return True
             if typ == Cmd.WRITE:
-                export.write(ticket, view[: cmd.length], cmd.offset, bool(cmd.flags & CmdFlag.FUA))
+                export.write(ticket, view[: cmd.length], cmd.offset, bool(cmd.flags & _FUA))
             elif typ == Cmd.FLUSH:
                 export.flush()
             elif typ == Cmd.TRIM:
