@@ -75,7 +75,7 @@ READ_STEP = 4 * MiB
 NEG_INF = float("-inf")
 CANARY_WRITER = 0xFFFF
 TORN = "torn"
-EXAMPLES_KEPT = 60
+EXAMPLES_KEPT = 20  # per kind of violation
 
 Ident = tuple[int, int, int]  # (cycle, writer, counter)
 
@@ -166,7 +166,7 @@ class HarnessConfig:
     mechanisms: tuple[str, ...] = ("api", "path", "in-band", "trigger-lu")
     load_seconds: tuple[float, float] = (0.4, 1.2)
     early_kill_fraction: float = 0.2  # cycles killed within the first few triggers
-    early_kill_seconds: tuple[float, float] = (0.0, 0.06)
+    early_kill_seconds: tuple[float, float] = (0.0, 0.03)
     canary: bool = True  # a pinned generation, checked on every cycle
     in_sync_timeout: float = 120.0
     io_timeout: float = 30.0
@@ -296,6 +296,13 @@ class CrashHarness:
         self.canary_gen: int | None = None
         self._pinned = 0
         self._t0 = 0.0
+        self.lu_uuid = ""
+        # Fault injection, to calibrate the checks: called with the harness after the
+        # kill (device down) and just before the equality check's trigger (device up).
+        self.after_kill: Callable[[CrashHarness], None] | None = None
+        self.before_verify: Callable[[CrashHarness], None] | None = None
+        self.last_writes: list[Write] = []
+        self.last_flushes: list[Flush] = []
 
     # ------------------------------------------------------------ set-up
 
@@ -303,6 +310,8 @@ class CrashHarness:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.device.start()
         self.device.create_lu(str(self.config.size), pool=self.config.pool, name=self.lu)
+        status, body = self._api("GET", f"/v1/lus/{self.lu}")
+        self.lu_uuid = body["uuid"] if status == 200 else ""  # type: ignore[index]
         if self.config.canary:
             self._make_canary()
         return self
@@ -394,7 +403,7 @@ class CrashHarness:
     def _violation(self, kind: str, **detail: object) -> None:
         self.report.violations[kind] += 1
         self._cycle_violations += 1
-        if len(self.report.examples) < EXAMPLES_KEPT:
+        if self.report.violations[kind] <= EXAMPLES_KEPT:  # the first few of each kind
             self.report.examples.append({"cycle": self.cycle, "kind": kind, **detail})
         if self._cycle_violations <= 5:
             self.log(f"  VIOLATION cycle {self.cycle} {kind}: {detail}")
@@ -581,9 +590,12 @@ class CrashHarness:
         result.triggers_acked = sum(1 for t in all_triggers if t.answer is not None)
         result.triggers_refused = sum(1 for t in all_triggers if t.refused)
 
+        self.last_writes, self.last_flushes = all_writes, flushes
         if cfg.crash:
             if cfg.snapshot:
                 self._snapshot()
+            if self.after_kill is not None:
+                self.after_kill(self)
             self._restart(result)
         else:
             self._restarted_at = time.monotonic()
@@ -597,6 +609,17 @@ class CrashHarness:
         r.triggers_acked += result.triggers_acked
         r.triggers_refused += result.triggers_refused
         return result
+
+    def data_file(self, member: int | None = None) -> Path:
+        """The primary's data file, or pool member ``member``'s (for fault injection)."""
+        name = f"{self.lu_uuid}.img" if member is None else f"{self.lu_uuid}.m{member}.img"
+        return self.device.data_dir / "lu" / name
+
+    def mirror_status(self) -> dict:
+        return self._mirror()
+
+    def generations(self) -> list[dict]:
+        return self._backups()
 
     def _snapshot(self) -> None:
         """The data directory as the crash left it, kept as snapshot-<cycle> (last 3)."""
@@ -739,6 +762,8 @@ class CrashHarness:
         if ok:
             result.restart_to_in_sync_s = time.monotonic() - self._restarted_at
             r.to_in_sync.append(result.restart_to_in_sync_s)
+            if self.before_verify is not None:
+                self.before_verify(self)
             answer = self._api_trigger(f"c{self.cycle}-verify")
             vgen = answer["generations"][0]["gen"]
             gimage = self._read(f"{self.lu}@{vgen}")

@@ -67,7 +67,18 @@ class DeviceProcess:
     def uri(self, export: str) -> str:
         return f"nbd://127.0.0.1:{self.nbd_port}/{export}"
 
-    def start(self) -> DeviceProcess:
+    def start(self, attempts: int = 3) -> DeviceProcess:
+        """Start it; if a free port was taken meanwhile by someone else, try new ones."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once()
+            except RuntimeError:
+                if attempt + 1 == attempts or "Address already in use" not in self.log_text():
+                    raise
+                self.nbd_port, self.api_port = free_port(), free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> DeviceProcess:
         args = [
             MIRRORPOOL, "serve", "--data", str(self.data_dir),
             "--listen", f"127.0.0.1:{self.nbd_port}", "--api", f"127.0.0.1:{self.api_port}",

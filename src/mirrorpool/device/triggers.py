@@ -14,7 +14,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from mirrorpool.device.volumes import save_split
+from mirrorpool.device.volumes import save_split, split_committed
 from mirrorpool.errors import InvalidRequest
 from mirrorpool.mirror.pool import MemberState
 from mirrorpool.mirror.volume import SplitPlan, TriggerRefused
@@ -106,13 +106,16 @@ class TriggerService:
         """Wait for the TRIGGER to reach the head of each queue, make it durable, answer."""
         for plan in pending.plans:
             plan.volume.finish_split(plan)  # readable from here on
-        for lu, plan in zip(pending.lus, pending.plans, strict=True):
-            save_split(self.device.catalog, lu.volume, plan, pending.id, pending.label,
-                       pending.source, pending.received_wall, pending.recycled[lu.name])
         seqs = [plan.op.seq or 0 for plan in pending.plans if plan.op is not None]
         names = [lu.name for lu in pending.lus]
-        self.device.catalog.log_trigger(pending.id, names, seqs, pending.source, pending.label,
-                                        pending.received_wall, "ok")
+        with self.device.catalog.transaction():  # durable in one commit before the answer
+            for lu, plan in zip(pending.lus, pending.plans, strict=True):
+                save_split(self.device.catalog, lu.volume, plan, pending.id, pending.label,
+                           pending.source, pending.received_wall, pending.recycled[lu.name])
+            self.device.catalog.log_trigger(pending.id, names, seqs, pending.source,
+                                            pending.label, pending.received_wall, "ok")
+        for lu in pending.lus:
+            split_committed(lu.volume)
         answers = []
         for lu, plan in zip(pending.lus, pending.plans, strict=True):
             answer = {

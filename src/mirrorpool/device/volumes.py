@@ -151,7 +151,10 @@ def save_split(
     created: float,
     recycled: list[int],
 ) -> None:
-    """Make a split durable before the trigger is answered."""
+    """Record a split in the catalog (inside the caller's transaction, if any).
+
+    Once that is committed, call ``split_committed``.
+    """
     with volume.seq.lock:
         rows = member_rows(volume)
         live = [m.gen for m in volume.members if m.state is MemberState.GENERATION]
@@ -166,6 +169,11 @@ def save_split(
         volume.name, rows, plan.op.seq, None, [generation], recycled,
         prune_changes_upto=oldest - 1,
     )
+
+
+
+def split_committed(volume: MirroredVolume) -> None:
+    """The catalog holds the split's change set: the journal may forget its copy."""
     if volume.journal is not None:
         with volume.seq.lock:
             volume.journal.split_saved()
