@@ -297,6 +297,7 @@ class CrashHarness:
         self._pinned = 0
         self._t0 = 0.0
         self.lu_uuid = ""
+        self.violating_cycles: set[int] = set()
         # Fault injection, to calibrate the checks: called with the harness after the
         # kill (device down) and just before the equality check's trigger (device up).
         self.after_kill: Callable[[CrashHarness], None] | None = None
@@ -601,6 +602,8 @@ class CrashHarness:
             self._restarted_at = time.monotonic()
         self._check(result, all_writes, flushes, all_triggers)
         result.violations = self._cycle_violations
+        if result.violations:
+            self.violating_cycles.add(self.cycle)
         r = self.report
         r.cycles += 1
         r.writes_sent += result.writes_sent
@@ -622,12 +625,15 @@ class CrashHarness:
         return self._backups()
 
     def _snapshot(self) -> None:
-        """The data directory as the crash left it, kept as snapshot-<cycle> (last 3)."""
+        """The data directory as the crash left it, as snapshot-<cycle>.
+
+        The last three are kept, and those of cycles that found violations.
+        """
         dest = self.work_dir / f"snapshot-{self.cycle}"
         subprocess.run(["cp", "-a", "--sparse=always", str(self.device.data_dir), str(dest)],
                        check=True, timeout=120)
         old = self.work_dir / f"snapshot-{self.cycle - 3}"
-        if old.exists():
+        if old.exists() and self.cycle - 3 not in self.violating_cycles:
             shutil.rmtree(old)
 
     def _restart(self, result: CycleResult) -> None:

@@ -108,6 +108,12 @@ class TriggerService:
             plan.volume.finish_split(plan)  # readable from here on
         seqs = [plan.op.seq or 0 for plan in pending.plans if plan.op is not None]
         names = [lu.name for lu in pending.lus]
+        if self.device.journal_sync:
+            # power-loss safe mode: the generation's data is on disk before it is answered
+            for plan in pending.plans:
+                plan.gen_member.store.flush()
+                if plan.gen_member.pending:
+                    plan.volume.primary.flush()
         with self.device.catalog.transaction():  # durable in one commit before the answer
             for lu, plan in zip(pending.lus, pending.plans, strict=True):
                 save_split(self.device.catalog, lu.volume, plan, pending.id, pending.label,
