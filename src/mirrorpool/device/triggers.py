@@ -93,6 +93,9 @@ class TriggerService:
                         m.gen for m in (plan.gen_member, plan.next_active)
                         if m is not None and m.state is MemberState.GENERATION and m.gen is not None
                     ]
+                    plan.trigger_id, plan.label, plan.source = pending.id, label, source
+                    plan.created = pending.received_wall
+                    plan.recycled = pending.recycled[lu.name]
                     lu.volume.apply_split(plan)
         except TriggerRefused as exc:
             self.device.catalog.log_trigger(pending.id, unique, [], source, label,
@@ -120,8 +123,8 @@ class TriggerService:
                            pending.source, pending.received_wall, pending.recycled[lu.name])
             self.device.catalog.log_trigger(pending.id, names, seqs, pending.source,
                                             pending.label, pending.received_wall, "ok")
-        for lu in pending.lus:
-            split_committed(lu.volume)
+        for lu, plan in zip(pending.lus, pending.plans, strict=True):
+            split_committed(lu.volume, plan.gen)
         answers = []
         for lu, plan in zip(pending.lus, pending.plans, strict=True):
             answer = {

@@ -9,7 +9,7 @@ from pyroaring import BitMap
 
 from mirrorpool.device.catalog import Catalog, GenerationRecord, LuRecord, MemberRecord
 from mirrorpool.mirror.changes import CHUNK, ChangeLog
-from mirrorpool.mirror.journal import BitmapFile, Journal
+from mirrorpool.mirror.journal import BitmapFile, Journal, SplitRecord
 from mirrorpool.mirror.pool import Member, MemberState
 from mirrorpool.mirror.volume import MirroredVolume, SplitPlan
 from mirrorpool.store import FileStore
@@ -61,6 +61,7 @@ class Recovery:
     chunks_marked_changed: int = 0
     generations: int = 0
     generations_completing: int = 0
+    splits_completed: int = 0
 
     def as_dict(self) -> dict:
         return {
@@ -70,6 +71,7 @@ class Recovery:
             "chunks_marked_changed": self.chunks_marked_changed,
             "generations": self.generations,
             "generations_completing": self.generations_completing,
+            "splits_completed": self.splits_completed,
         }
 
 
@@ -101,14 +103,23 @@ def open_volume(
             recovery.generations += 1
             if member.pending:
                 recovery.generations_completing += 1
-        if member.state is MemberState.ACTIVE and divergent and not clean:
-            # writes in flight at the crash may have reached one copy and not the other
-            member.pending |= divergent
-            member.save_pending()
-        if member.state is MemberState.ACTIVE:
-            recovery.chunks_to_resync = len(member.pending)
         member.copy_total = len(member.pending)
         members.append(member)
+    for split in journal.pending_splits():
+        later = any(g > split.gen for g in generations)
+        if split.gen not in generations and _complete_split(catalog, record.name, members,
+                                                            split, changed, later):
+            recovery.splits_completed += 1
+            generations = {g.gen: g for g in catalog.generations(record.name,
+                                                                 include_recycled=True)}
+    for member in members:
+        if member.state is MemberState.ACTIVE:
+            if divergent and not clean:
+                # writes in flight at the crash may have reached one copy and not the other
+                member.pending |= divergent
+                member.save_pending()
+                member.copy_total = len(member.pending)
+            recovery.chunks_to_resync = len(member.pending)
     deltas = {g: _bitmap(r.changes) for g, r in generations.items() if r.changes is not None}
     last_seq, open_blob = catalog.lu_state(record.name)
     open_set = _bitmap(open_blob) | changed
@@ -123,6 +134,57 @@ def open_volume(
         journal=journal,
     )
     return volume, recovery
+
+
+def _complete_split(
+    catalog: Catalog, lu: str, members: list[Member], split: SplitRecord, changed: BitMap,
+    later_committed: bool,
+) -> bool:
+    """Finish a split the crash cut short: the journal noted it before any write went on.
+
+    Its change set is not known exactly; the chunks the journal saw changed stand
+    in for it (an over-report).  Its trigger was never answered, so completing
+    it is as good as rolling it back, and keeps every member as it really is.
+    """
+    by_idx = {m.idx: m for m in members}
+    frozen = by_idx.get(split.gen_member)
+    nxt = by_idx.get(split.next_active) if split.next_active >= 0 else None
+    if frozen is None:
+        return False
+    holder = next((m for m in members if m.state is MemberState.GENERATION
+                   and m.gen == split.gen), None)
+    if holder is None and later_committed:
+        # a later split is in the catalog: the members are as it left them, and the
+        # generation of this one was recycled by it (this trigger was never answered)
+        return False
+    if holder is not None:
+        frozen = holder  # member rows were saved after the split: only its record is missing
+        nxt = None
+    for m in members if holder is None else ():
+        if m.state is MemberState.ACTIVE and m is not nxt:
+            m.state = MemberState.GENERATION if m is frozen else MemberState.FAILED
+    frozen.state = MemberState.GENERATION
+    frozen.gen = split.gen
+    frozen.frozen_seq = split.seq
+    frozen.last_used = split.seq
+    frozen.pinned = False
+    if nxt is not None:
+        nxt.state = MemberState.ACTIVE
+        nxt.gen = None
+        nxt.frozen_seq = None
+        nxt.copy_total = len(nxt.pending)
+    generation = GenerationRecord(
+        split.gen, frozen.idx, split.trigger_id, split.seq, split.label, split.source,
+        split.created, False, "ready", changed.serialize(),
+    )
+    rows = [
+        MemberRecord(m.idx, m.state.value, m.gen, m.last_used, None) for m in members
+    ]
+    with catalog.transaction():
+        catalog.save_pool(lu, rows, split.seq, None, [generation], split.recycled)
+        catalog.log_trigger(split.trigger_id, [lu], [split.seq], split.source, split.label,
+                            split.created, "ok", "split completed at start-up after a crash")
+    return True
 
 
 def member_rows(volume: MirroredVolume) -> list[MemberRecord]:
@@ -172,8 +234,8 @@ def save_split(
 
 
 
-def split_committed(volume: MirroredVolume) -> None:
+def split_committed(volume: MirroredVolume, gen: int) -> None:
     """The catalog holds the split's change set: the journal may forget its copy."""
     if volume.journal is not None:
         with volume.seq.lock:
-            volume.journal.split_saved()
+            volume.journal.split_saved(gen)

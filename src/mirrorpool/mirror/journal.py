@@ -23,18 +23,61 @@ import mmap
 import os
 import struct
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 from pyroaring import BitMap
 
 from mirrorpool.mirror.changes import CHUNK
 
-MAGIC = b"MPJRNL01"
+MAGIC = b"MPJRNL02"
 HEADER = struct.Struct(">8sIIIIQ")  # magic, slots, region chunks, nregions, current, reserved
 HEADER_SIZE = 4096
 EMPTY = 0xFFFFFFFFFFFFFFFF
 REGION_CHUNKS = 16  # 1 MiB regions
 DEFAULT_SLOTS = 256  # 16 MiB of chunks may be in flight or recently written
+SPLIT_SLOTS = 16  # splits taken and not yet committed to the catalog
+SPLIT_RECORD = 1024
+_SPLIT = struct.Struct(">4sB3xIQiid16s16sHB")  # + label, + recycled gens (u32 each)
+MAX_RECYCLED = 8
+
+
+@dataclass
+class SplitRecord:
+    """A split as taken under the sequencer lock, before the catalog holds it."""
+
+    gen: int
+    seq: int
+    gen_member: int
+    next_active: int  # -1: none
+    created: float
+    trigger_id: str
+    source: str
+    label: str
+    recycled: list[int]
+
+    def pack(self) -> bytes:
+        label = self.label.encode()[:512]
+        recycled = self.recycled[:MAX_RECYCLED]
+        head = _SPLIT.pack(b"SPLT", 1, self.gen, self.seq, self.gen_member, self.next_active,
+                           self.created, self.trigger_id.encode()[:16],
+                           self.source.encode()[:16], len(label), len(recycled))
+        return head + label + b"".join(struct.pack(">I", g) for g in recycled)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> SplitRecord | None:
+        (magic, state, gen, seq, gen_member, next_active, created, trigger_id, source,
+         label_len, nrecycled) = _SPLIT.unpack(raw[: _SPLIT.size])
+        if magic != b"SPLT" or state != 1:
+            return None
+        pos = _SPLIT.size
+        label = raw[pos : pos + label_len].decode(errors="replace")
+        pos += label_len
+        recycled = [struct.unpack(">I", raw[pos + 4 * i : pos + 4 * i + 4])[0]
+                    for i in range(nrecycled)]
+        return cls(gen, seq, gen_member, next_active, created,
+                   trigger_id.rstrip(b"\0").decode(), source.rstrip(b"\0").decode(), label,
+                   recycled)
 
 
 class Journal:
@@ -49,6 +92,7 @@ class Journal:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._current = 0
         self._unsaved = 0
+        self._split_gens: list[int | None] = [None] * SPLIT_SLOTS
         # chunk -> writes in flight; ordered by last use for eviction
         self._hot: OrderedDict[int, int] = OrderedDict()
         self._slot_of: dict[int, int] = {}
@@ -73,11 +117,17 @@ class Journal:
     def _bitmap_offset(self, which: int) -> int:
         return HEADER_SIZE + self.slots * 8 + which * self._bitmap_bytes
 
+    def _split_offset(self, index: int) -> int:
+        return self._bitmap_offset(2) + index * SPLIT_RECORD
+
+    def _file_size(self) -> int:
+        return self._split_offset(SPLIT_SLOTS)
+
     def _format(self) -> None:
         if getattr(self, "_map", None) is not None:
             self._map.close()  # type: ignore[union-attr]
             self._map = None
-        size = self._bitmap_offset(2)
+        size = self._file_size()
         os.ftruncate(self._fd, 0)
         os.ftruncate(self._fd, size)
         os.pwrite(self._fd, b"\xff" * (self.slots * 8), self._slots_offset())
@@ -123,6 +173,7 @@ class Journal:
         self._regions = bytearray(self._bitmap_bytes)
         self._current = 0
         self._unsaved = 0
+        self._split_gens = [None] * SPLIT_SLOTS
         for chunk in changed:
             region = chunk // REGION_CHUNKS
             if region < self.nregions:
@@ -179,7 +230,12 @@ class Journal:
     def _steal_slot(self) -> int:
         # Every slot has a write in flight: grow past the bound rather than lose track.
         self.slots += 1
-        os.ftruncate(self._fd, self._bitmap_offset(2))
+        # the split records move with the end of the slots: keep them
+        records = [os.pread(self._fd, SPLIT_RECORD, self._split_offset(i) - 8)
+                   for i in range(SPLIT_SLOTS)]
+        os.ftruncate(self._fd, self._file_size())
+        for i, raw in enumerate(records):
+            os.pwrite(self._fd, raw, self._split_offset(i))
         self._rewrite_all()
         self._remap()
         return self.slots - 1
@@ -210,8 +266,38 @@ class Journal:
         if self.sync:
             os.fdatasync(self._fd)
 
-    def split_saved(self) -> None:
+    def record_split(self, record: SplitRecord) -> None:
+        """Note a split before any write reaches its new active backup (lock held)."""
+        free = next((i for i, gen in enumerate(self._split_gens) if gen is None), None)
+        if free is None:  # more splits in flight than slots: overwrite the oldest
+            free = min(range(SPLIT_SLOTS), key=lambda i: self._split_gens[i] or 0)
+        raw = record.pack()
+        offset = self._split_offset(free)
+        self._map[offset : offset + len(raw)] = raw  # type: ignore[index]
+        self._split_gens[free] = record.gen
+        if self.sync:
+            self._map.flush()  # type: ignore[union-attr]
+
+    def pending_splits(self) -> list[SplitRecord]:
+        """Splits noted and never confirmed as committed, oldest first."""
+        header = os.pread(self._fd, HEADER.size, 0)
+        slots = HEADER.unpack(header)[1] if header[:8] == MAGIC else self.slots
+        base = HEADER_SIZE + slots * 8 + 2 * self._bitmap_bytes
+        records = []
+        for i in range(SPLIT_SLOTS):
+            raw = os.pread(self._fd, SPLIT_RECORD, base + i * SPLIT_RECORD)
+            if len(raw) == SPLIT_RECORD:
+                record = SplitRecord.unpack(raw)
+                if record is not None:
+                    records.append(record)
+        return sorted(records, key=lambda r: r.gen)
+
+    def split_saved(self, gen: int | None = None) -> None:
         """The catalog now holds a split's change set (sequencer lock held)."""
+        for i, recorded in enumerate(self._split_gens):
+            if recorded is not None and recorded == gen:
+                self._map[self._split_offset(i) + 4] = 0  # type: ignore[index]
+                self._split_gens[i] = None
         self._unsaved = max(0, self._unsaved - 1)
         if self._unsaved == 0:
             os.pwrite(self._fd, bytes(self._bitmap_bytes), self._bitmap_offset(self._current ^ 1))

@@ -35,6 +35,7 @@ class Member:
     split_done: threading.Event = field(default_factory=threading.Event)
     copy_total: int = 0  # chunks to copy when the current resync started
     pending_file: BitmapFile | None = None  # the pending set, kept exact across crashes
+    epoch: int = 0  # bumped whenever chunks are marked pending anew
 
     def save_pending(self) -> None:
         if self.pending_file is not None:

@@ -18,13 +18,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyroaring import BitMap
 
 from mirrorpool.errors import Conflict, NotFound
 from mirrorpool.mirror.changes import CHUNK, ChangeLog, chunk_runs, chunk_span
-from mirrorpool.mirror.journal import Journal
+from mirrorpool.mirror.journal import Journal, SplitRecord
 from mirrorpool.mirror.pool import Member, MemberState, recycle_order
 from mirrorpool.mirror.sequencer import Op, Sequencer
 from mirrorpool.nbd.constants import AllocationFlag
@@ -51,6 +51,12 @@ class SplitPlan:
     gen: int = 0
     delta: BitMap | None = None
     received: float = 0.0
+    # what the trigger says of itself, noted in the crash journal with the split
+    trigger_id: str = ""
+    label: str = ""
+    source: str = ""
+    created: float = 0.0
+    recycled: list[int] = field(default_factory=list)
 
 
 class MirroredVolume:
@@ -214,6 +220,7 @@ class MirroredVolume:
             member.gen = None
             self.failures += 1
             member.pending = BitMap()  # a failed member is copied in full when reused
+            member.epoch += 1
             with contextlib.suppress(OSError):
                 member.save_pending()
             if member in self._cow:
@@ -238,8 +245,15 @@ class MirroredVolume:
             if wanted:
                 self._copy_chunks(member, wanted)
 
-    def _copy_chunks(self, member: Member, chunks: BitMap) -> None:
-        """Copy chunks from the primary into ``member``; the caller holds their order."""
+    def _copy_chunks(self, member: Member, chunks: BitMap, epoch: int | None = None) -> None:
+        """Copy chunks from the primary into ``member``; the caller holds their order.
+
+        A split may mark the same chunks pending again while the copy runs (the
+        member is recycled, and a write ordered after this copy will not reach
+        it); then the bits stay, and the chunks are copied again later.
+        """
+        if epoch is None:
+            epoch = member.epoch
         for first, count in chunk_runs(chunks):
             start = first * CHUNK
             length = min(count * CHUNK, self.size - start)
@@ -250,8 +264,11 @@ class MirroredVolume:
                     buf = bytearray(ext.length)
                     self.primary.read_into(memoryview(buf), ext.offset)
                     member.store.write(buf, ext.offset)
-            member.pending.remove_range(first, first + count)
-            member.pending_cleared(first, first + count)
+            with self.seq.lock:
+                if member.epoch != epoch:
+                    return
+                member.pending.remove_range(first, first + count)
+                member.pending_cleared(first, first + count)
             self._copied_bytes += length
         if not member.pending:
             self._sync_complete(member)
@@ -295,6 +312,7 @@ class MirroredVolume:
         member = plan.gen_member
         if member is not self.active:
             member.pending |= self._differs(member)
+            member.epoch += 1
         plan.gen = self.next_gen
         self.next_gen += 1
         plan.delta = self.changes.close(plan.gen)
@@ -311,6 +329,7 @@ class MirroredVolume:
         nxt = plan.next_active
         if nxt is not None:
             nxt.pending |= self._differs(nxt)
+            nxt.epoch += 1
             nxt.save_pending()
             nxt.state = MemberState.ACTIVE
             nxt.gen = None
@@ -319,6 +338,11 @@ class MirroredVolume:
             if nxt in self._cow:
                 self._cow.remove(nxt)
         self.active = nxt
+        if self.journal is not None:
+            self.journal.record_split(SplitRecord(
+                plan.gen, op.seq or 0, member.idx, nxt.idx if nxt is not None else -1,
+                plan.created, plan.trigger_id, plan.source, plan.label, plan.recycled,
+            ))
 
     def finish_split(self, plan: SplitPlan) -> None:
         """Wait (without blocking other I/O) until the TRIGGER reaches the queue's head."""
@@ -373,6 +397,7 @@ class MirroredVolume:
                 return False
             member = blank[0]
             member.pending = self._differs(member)
+            member.epoch += 1
             member.save_pending()
             member.copy_total = len(member.pending)
             member.state = MemberState.ACTIVE
@@ -455,12 +480,16 @@ class MirroredVolume:
             member, run = job
             if not self._copy_started:
                 self._copy_started = time.monotonic()
-            op = self.seq.admit(run.min() * CHUNK, (run.max() + 1) * CHUNK, "copy", False)
+            admitted_epoch: list[int] = []
+            op = self.seq.admit(run.min() * CHUNK, (run.max() + 1) * CHUNK, "copy", False,
+                                lambda _op, m=member, out=admitted_epoch: out.append(m.epoch))
             self.seq.wait(op)
             try:
                 still = run & member.pending
                 if still and member.state in (MemberState.ACTIVE, MemberState.GENERATION):
-                    self._copy_chunks(member, still)
+                    # a split after admission may re-mark these chunks for writes that
+                    # wait behind this copy: the epoch taken at admission tells
+                    self._copy_chunks(member, still, admitted_epoch[0])
                     self._written.add(member)
             except StoreError as exc:
                 self._member_failed(member, exc)
