@@ -22,7 +22,7 @@ from collections.abc import Callable
 class Op:
     """One admitted piece of work on [start, end)."""
 
-    __slots__ = ("seq", "start", "end", "deps", "event", "finished", "target", "kind")
+    __slots__ = ("seq", "start", "end", "deps", "event", "finished", "target", "kind", "cow")
 
     def __init__(self, seq: int | None, start: int, end: int, deps: list[Op], kind: str) -> None:
         self.seq = seq
@@ -33,6 +33,8 @@ class Op:
         self.finished = False
         self.target: object | None = None  # the active backup the mutation also goes to
         self.kind = kind
+        # generations to copy-before-write into, with their epochs, as of admission
+        self.cow: list[tuple[object, int]] | None = None
 
 
 class Sequencer:

@@ -125,6 +125,8 @@ class MirroredVolume:
         self.changes.open.add_range(first, stop)
         target = self.active
         op.target = target
+        if self._cow:
+            op.cow = [(m, m.epoch) for m in self._cow]
         if target is not None:
             self._written.add(target)
 
@@ -138,7 +140,7 @@ class MirroredVolume:
     def write(self, op: Op, data: memoryview | bytes, offset: int, fua: bool = False) -> None:
         self.seq.wait(op)
         try:
-            if self._cow:
+            if op.cow:
                 self._copy_before_write(op)
             target = op.target
             if target is not None and len(data) >= PARALLEL_WRITE:
@@ -174,7 +176,7 @@ class MirroredVolume:
     def _apply(self, op: Op, action: Callable[[FileStore], None]) -> None:
         self.seq.wait(op)
         try:
-            if self._cow:
+            if op.cow:
                 self._copy_before_write(op)
             action(self.primary)
             target = op.target
@@ -236,14 +238,19 @@ class MirroredVolume:
     # ------------------------------------------------------------ copy-before-write
 
     def _copy_before_write(self, op: Op) -> None:
+        """Keep the generations frozen before this mutation exact: copy what they lack.
+
+        Only generations frozen when the mutation was admitted take part, each
+        with the epoch it had then; a split since then may have made one of them
+        the active backup, which the mutation does not reach (see _copy_chunks).
+        """
+        if not op.cow:
+            return
         first, stop = op.start // CHUNK, op.end // CHUNK
-        for member in list(self._cow):
-            frozen = member.frozen_seq
-            if op.seq is not None and frozen is not None and op.seq < frozen:
-                continue  # a mutation from before the split belongs in the generation
-            wanted = member.pending.intersection(BitMap(range(first, stop)))
+        for member, epoch in op.cow:
+            wanted = member.pending.intersection(BitMap(range(first, stop)))  # type: ignore[attr-defined]
             if wanted:
-                self._copy_chunks(member, wanted)
+                self._copy_chunks(member, wanted, epoch)  # type: ignore[arg-type]
 
     def _copy_chunks(self, member: Member, chunks: BitMap, epoch: int | None = None) -> None:
         """Copy chunks from the primary into ``member``; the caller holds their order.
