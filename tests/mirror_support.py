@@ -22,7 +22,8 @@ from tests.interop import rawnbd
 
 KiB = 1 << 10
 MiB = 1 << 20
-CHUNK = 64 * KiB  # the device's change-tracking chunk (answered by the diff API as chunk_size)
+# the device's change-tracking chunk (answered by the diff API as chunk_size)
+from mirrorpool.mirror.changes import CHUNK  # noqa: E402
 
 TRIGGER_LU = ".trigger"
 

@@ -601,6 +601,8 @@ class CrashHarness:
         else:
             self._restarted_at = time.monotonic()
         self._check(result, all_writes, flushes, all_triggers)
+        if cfg.crash and cfg.snapshot:
+            self._save_logs(killed_at, all_writes, flushes, all_triggers)
         result.violations = self._cycle_violations
         if result.violations:
             self.violating_cycles.add(self.cycle)
@@ -635,6 +637,20 @@ class CrashHarness:
         old = self.work_dir / f"snapshot-{self.cycle - 3}"
         if old.exists() and self.cycle - 3 not in self.violating_cycles:
             shutil.rmtree(old)
+
+    def _save_logs(self, killed_at: float, writes: list[Write], flushes: list[Flush],
+                   triggers: list[TriggerRec]) -> None:
+        """The cycle's request logs beside its snapshot (times relative to the load's start)."""
+        dest = self.work_dir / f"snapshot-{self.cycle}" / "harness-log.json"
+        doc = {
+            "cycle": self.cycle, "killed_at": self._rel(killed_at),
+            "writes": [[w.slot, w.ident, self._rel(w.send), self._rel(w.ack), w.fua]
+                       for w in writes],
+            "flushes": [[self._rel(f.send), self._rel(f.ack)] for f in flushes],
+            "triggers": [[t.label, t.mechanism, self._rel(t.send), self._rel(t.answer), t.gen,
+                          t.seq, t.refused] for t in triggers],
+        }
+        dest.write_text(json.dumps(doc))
 
     def _restart(self, result: CycleResult) -> None:
         log_path = self.device.log_path

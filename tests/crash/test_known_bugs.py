@@ -52,7 +52,7 @@ def test_split_during_copy_before_write_keeps_the_chunk_pending(tmp_path: Path) 
         member1 = next(m for m in volume.members if m.idx == 1)
         assert list(member1.pending) == [3]
 
-        original = member1.store.write
+        original = volume._copy_range
         applied = threading.Event()
         answers: list[dict] = []
 
@@ -61,15 +61,15 @@ def test_split_during_copy_before_write_keeps_the_chunk_pending(tmp_path: Path) 
             applied.set()
             answers.extend(device.triggers.complete(pending))
 
-        def copy_then_split(data, at, fua=False):  # type: ignore[no-untyped-def]
-            original(data, at, fua)
-            if not applied.is_set():
+        def copy_then_split(member, start, length):  # type: ignore[no-untyped-def]
+            original(member, start, length)
+            if member is member1 and not applied.is_set():
                 threading.Thread(target=split_now, daemon=True).start()
                 assert applied.wait(10)
 
-        member1.store.write = copy_then_split  # type: ignore[method-assign]
+        volume._copy_range = copy_then_split  # type: ignore[method-assign]
         write(b"Y")  # copy-before-write of chunk 3 into gen 2, T3 in the middle
-        member1.store.write = original  # type: ignore[method-assign]
+        volume._copy_range = original  # type: ignore[method-assign]
         for _ in range(100):
             if answers:
                 break

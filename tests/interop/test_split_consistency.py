@@ -384,7 +384,8 @@ def test_trigger_while_the_active_backup_is_syncing_is_exact(
     the end, which the copy (lowest chunk first) has not reached (copy-before-write).
     Both generations must be the same exact prefix, while the copy runs and after it."""
     size = 128 * MiB
-    chunks = size // CHUNK
+    STRIDE = 64 * 1024  # noqa: N806 - spacing of the writes, several per tracking chunk run
+    chunks = size // STRIDE
     name = f"syncing-{time.monotonic_ns()}"
     api(device, "POST", "/v1/lus", {"name": name, "size": size, "pool": 3}, expect=201)
     try:
@@ -395,7 +396,7 @@ def test_trigger_while_the_active_backup_is_syncing_is_exact(
             h = connect(device.uri(name))
             try:
                 for c in range(chunks):
-                    data, off = bytes([c % 251 + 1]) * 4096, c * CHUNK + (c % 16) * 4096
+                    data, off = bytes([c % 251 + 1]) * 4096, c * STRIDE + (c % 16) * 4096
                     ref.seek(off)
                     ref.write(data)
                     h.aio_pwrite(data, off)
@@ -405,9 +406,9 @@ def test_trigger_while_the_active_backup_is_syncing_is_exact(
                     h.poll(-1)
             finally:
                 close(h)
-        after = [(0x51, (chunks - 48) * CHUNK, MiB + 4096),
-                 (0x52, (chunks - 10) * CHUNK + 512, 8192),
-                 (0x53, size - 4096, 4096), (0x54, (chunks - 100) * CHUNK + 4096, 4096)]
+        after = [(0x51, (chunks - 48) * STRIDE, MiB + 4096),
+                 (0x52, (chunks - 10) * STRIDE + 512, 8192),
+                 (0x53, size - 4096, 4096), (0x54, (chunks - 100) * STRIDE + 4096, 4096)]
         full_path = tmp_path / "full.img"
         run(["cp", "--sparse=always", str(prefix_path), str(full_path)])
         with open(full_path, "r+b") as ref:
@@ -438,8 +439,8 @@ def test_trigger_while_the_active_backup_is_syncing_is_exact(
         try:
             with open(prefix_path, "rb") as ref:
                 for _, off, n in after:
-                    start = off // CHUNK * CHUNK
-                    length = min(size, (off + n + CHUNK - 1) // CHUNK * CHUNK) - start
+                    start = off // STRIDE * STRIDE
+                    length = min(size, (off + n + STRIDE - 1) // STRIDE * STRIDE) - start
                     ref.seek(start)
                     assert h.pread(length, start) == ref.read(length), (off, states)
         finally:

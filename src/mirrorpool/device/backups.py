@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mirrorpool.backups")
 
 Progress = Callable[[int, int], None]
-RESTORE_RUN = 16  # chunks per restore step
+RESTORE_RUN = 256  # chunks per restore step (1 MiB)
 
 
 class BackupService:

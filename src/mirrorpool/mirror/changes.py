@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 
 from pyroaring import BitMap
 
-CHUNK = 64 * 1024
+CHUNK = 4 * 1024  # tracking, copy-before-write and resync granularity
 
 
 def chunk_span(offset: int, length: int) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -32,8 +33,9 @@ from mirrorpool.store import Extent, FileStore, StoreError
 
 log = logging.getLogger("mirrorpool.mirror")
 
-COPY_RUN = 16  # chunks per background copy step (1 MiB)
+COPY_RUN = 256  # chunks per background copy step (1 MiB)
 PARALLEL_WRITE = 256 * 1024  # from this size the backup is written beside the primary
+SPARSE_COPY = 256 * 1024  # copies from this size look for holes first
 _mirror_io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mirror-io")
 
 
@@ -261,24 +263,45 @@ class MirroredVolume:
         """
         if epoch is None:
             epoch = member.epoch
+        copied = BitMap()
         for first, count in chunk_runs(chunks):
             start = first * CHUNK
             length = min(count * CHUNK, self.size - start)
-            for ext in self.primary.extents(start, length):
-                if ext.flags & AllocationFlag.HOLE:
-                    member.store.zero(ext.offset, ext.length, may_trim=True)
-                else:
-                    buf = bytearray(ext.length)
-                    self.primary.read_into(memoryview(buf), ext.offset)
-                    member.store.write(buf, ext.offset)
-            with self.seq.lock:
-                if member.epoch != epoch:
-                    return
-                member.pending.remove_range(first, first + count)
-                member.pending_cleared(first, first + count)
+            self._copy_range(member, start, length)
+            copied.add_range(first, first + count)
             self._copied_bytes += length
+        with self.seq.lock:
+            if member.epoch != epoch:
+                return
+            member.pending -= copied
+            if copied:
+                member.pending_cleared(copied.min(), copied.max() + 1)
         if not member.pending:
             self._sync_complete(member)
+
+    def _copy_range(self, member: Member, start: int, length: int) -> None:
+        """Primary to member: in the kernel for small runs, skipping holes for big ones."""
+        src, dst = self.primary, member.store
+        if length < SPARSE_COPY and isinstance(src, FileStore) and isinstance(dst, FileStore):
+            done = 0
+            try:
+                while done < length:
+                    n = os.copy_file_range(src.fd, dst.fd, length - done, start + done,
+                                           start + done)
+                    if n == 0:  # past the end of a shorter backing file: zeros
+                        dst.zero(start + done, length - done, may_trim=True)
+                        break
+                    done += n
+            except OSError as exc:
+                raise StoreError.from_os_error(exc, f"copy at {start}") from exc
+            return
+        for ext in src.extents(start, length):
+            if ext.flags & AllocationFlag.HOLE:
+                dst.zero(ext.offset, ext.length, may_trim=True)
+            else:
+                buf = bytearray(ext.length)
+                src.read_into(memoryview(buf), ext.offset)
+                dst.write(buf, ext.offset)
 
     def _sync_complete(self, member: Member) -> None:
         with self.seq.lock:
