@@ -77,7 +77,8 @@ class Sequencer:
     def admit_barrier(self, on_admit: Callable[[Op], None] | None = None) -> tuple[Op, list[Op]]:
         """Number a TRIGGER; returns it and the work admitted before it."""
         with self.lock:
-            earlier = list(self._inflight)
+            # only numbered mutations make up the prefix; copies and reads need no wait
+            earlier = [o for o in self._inflight if o.seq is not None]
             for dep in earlier:
                 if dep.event is None:
                     dep.event = threading.Event()

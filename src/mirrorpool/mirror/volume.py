@@ -495,8 +495,12 @@ class MirroredVolume:
         with self.seq.lock:
             for member in [*self._cow, self.active]:
                 if member is not None and member.pending:
+                    # one contiguous run: the copy holds back host writes to that range only
                     first = member.pending.min()
-                    return member, BitMap(range(first, first + COPY_RUN)) & member.pending
+                    stop = first + 1
+                    while stop < first + COPY_RUN and stop in member.pending:
+                        stop += 1
+                    return member, BitMap(range(first, stop))
         return None
 
     def _resync_loop(self) -> None:
