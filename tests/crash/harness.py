@@ -60,13 +60,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mirrorpool.mirror.changes import CHUNK  # the device's tracking and resync unit
 from mirrorpool.nbd.client import NbdClient, NbdError
 from tests.helpers.processes import DeviceProcess
 
 KiB = 1 << 10
 MiB = 1 << 20
 BLOCK = 4096
-CHUNK = 64 * KiB  # the device's chunk (resync and change tracking)
 MAGIC = b"MPCRASH1"
 HEAD = struct.Struct(">8sIHHQQ")  # magic, cycle, writer, 0, counter, slot: 32 bytes
 SUM_AT = BLOCK - 32

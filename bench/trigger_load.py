@@ -1,0 +1,364 @@
+#!/usr/bin/env python3
+"""What frequent triggers cost the host: write latency with and without them.
+
+One mirrored LU (pool 3) on a pre-filled file, served by mirrorpool through
+the page cache, loopback only.  fio writes 4 KiB blocks at random, iodepth 16,
+for ``--runtime`` seconds, twice per repeat: once alone, once while a thread
+POSTs ``/v1/lus/NAME/trigger`` every ``--interval`` seconds (each trigger
+recycles the oldest generation, so pool 3 never runs out).  The two modes
+alternate which goes first from one repeat to the next, and every repeat
+starts a fresh server whose members all hold data (pool-1 warm-up triggers,
+each waited out until the backup is in sync), and waits for the backup to be
+in sync before each run.
+
+Reported: fio's completion latency percentiles (50, 99, 99.9) and IOPS with
+and without triggers, the ratio of the p99.9s, and the distribution of
+``split_ms`` (trigger received → generation readable, from the answers) over
+all triggers of a run; medians over the repeats.  Targets: p99.9 ratio ≤ 1.1
+(over 1.5 is not done), split p99 < 1 ms (over 5 ms is not done).
+
+    .venv/bin/python bench/trigger_load.py --runtime 20 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fio_compare import LU_NAME, MIB, _on_sigterm, fill_random, parse_size, progress, render_table
+from mirrorbench import (
+    CHUNK,
+    Api,
+    ApiError,
+    Fio,
+    MirroredMirrorpool,
+    add_source_args,
+    check_tools,
+    dump_json,
+    exit_note,
+    header,
+    loadavg,
+    median,
+    pct,
+    percentile_of,
+    sync_files,
+    write_side,
+)
+
+MODES = ("no-triggers", "triggers")
+RATIO_AIM, RATIO_LIMIT = 1.1, 1.5
+SPLIT_AIM_MS, SPLIT_LIMIT_MS = 1.0, 5.0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="fio write latency on a mirrored LU with and "
+                                            "without a trigger every 100 ms.")
+    p.add_argument("--runtime", type=int, default=20, help="seconds per fio run")
+    p.add_argument("--size", type=parse_size, default=parse_size("1G"), help="LU size (1G)")
+    p.add_argument("--repeat", type=int, default=3, help="repeats; medians are reported")
+    p.add_argument("--pool", type=int, default=3, help="pool size (default 3)")
+    p.add_argument("--interval", type=float, default=0.1, help="seconds between triggers")
+    p.add_argument("--iodepth", type=int, default=16)
+    p.add_argument("--bs", type=parse_size, default=parse_size("4k"))
+    p.add_argument("--delay", type=float, default=0.5,
+                   help="seconds after fio starts before the first trigger")
+    p.add_argument("--no-probe", dest="probe", action="store_false",
+                   help="do not GET the LU's status after each trigger (by default the thread "
+                        "does, to record how many chunks the split gave the new backup to copy)")
+    add_source_args(p)
+    args = p.parse_args(argv)
+    if args.runtime < 2 or args.repeat < 1 or args.interval <= 0 or args.pool < 2:
+        p.error("--runtime ≥ 2, --repeat ≥ 1, --interval > 0 and --pool ≥ 2 are needed")
+    check_tools(p, args, [args.fio])
+    return args
+
+
+class Triggerer(threading.Thread):
+    """POSTs a trigger every ``interval`` s (no catch-up bursts) until stopped."""
+
+    def __init__(self, server: MirroredMirrorpool, interval: float, start_at: float,
+                 stop_at: float, probe: bool) -> None:
+        super().__init__(name="triggerer", daemon=True)
+        self.api = Api(server.api_port)
+        self.server = server
+        self.interval = interval
+        self.start_at = start_at
+        self.stop_at = stop_at
+        self.probe = probe
+        self.halt = threading.Event()
+        self.results: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            nxt = self.start_at
+            while not self.halt.is_set():
+                now = time.monotonic()
+                if now < nxt and self.halt.wait(nxt - now):
+                    break
+                if time.monotonic() >= self.stop_at:
+                    break
+                sent = time.monotonic()
+                try:
+                    answer, rtt = self.server.trigger(self.api)
+                    gen = answer["generations"][0]
+                    row = {"t": sent, "split_ms": gen["split_ms"], "rtt_ms": rtt * 1000,
+                           "gen": gen["gen"]}
+                    if self.probe:
+                        row.update(probe(self.api))
+                    self.results.append(row)
+                except ApiError as exc:
+                    self.results.append({"t": sent, "refused": exc.detail,
+                                         "rtt_ms": (time.monotonic() - sent) * 1000})
+                nxt = max(nxt + self.interval, time.monotonic())
+        except BaseException as exc:  # reported by the main thread
+            self.error = exc
+        finally:
+            self.api.close()
+
+
+def probe(api: Api) -> dict[str, Any]:
+    """What the split just made the pool do: chunks the new active backup has to copy, and
+    how many generations are still being completed (their chunks are copied before write)."""
+    mirror = api.get(f"/v1/lus/{LU_NAME}")["mirror"]
+    sync = mirror.get("sync") or {}
+    return {
+        "copy_chunks": int(sync.get("chunks_total", 0)),
+        "gens_completing": sum(1 for m in mirror["members"] if m["state"] == "generation"
+                               and (m.get("sync") or {}).get("chunks_left")),
+    }
+
+
+def one_run(server: MirroredMirrorpool, fio: Fio, args: argparse.Namespace, mode: str,
+            repeat: int) -> dict[str, Any]:
+    waited, _ = server.wait_in_sync(600)
+    sync_files(server.files())
+    la = loadavg()
+    opts = ["--rw=randwrite", f"--bs={args.bs}", f"--iodepth={args.iodepth}",
+            f"--size={args.size}", f"--runtime={args.runtime}", "--time_based",
+            "--percentile_list=50:99:99.9"]
+    t0 = time.monotonic()
+    fio.start(f"{mode}-r{repeat}", server.uri, opts)
+    trig = None
+    if mode == "triggers":
+        trig = Triggerer(server, args.interval, t0 + args.delay, t0 + args.runtime - 0.2,
+                         args.probe)
+        trig.start()
+    try:
+        doc = fio.wait(args.runtime * 4 + 60)
+    finally:
+        if trig is not None:
+            trig.halt.set()
+            trig.join(30)
+    if trig is not None and trig.error is not None:
+        raise RuntimeError(f"trigger thread failed: {trig.error!r}")
+    server.check_alive()
+    side = write_side(doc)
+    mirror = server.mirror()
+    sync_after = mirror.get("sync") or {}
+    catch_up, _ = server.wait_in_sync(600)
+    row: dict[str, Any] = {
+        "repeat": repeat, "mode": mode, "loadavg": la,
+        "iops": float(side["iops"]), "written_bytes": int(side["io_bytes"]),
+        "p50_us": percentile_of(side, 50.0), "p99_us": percentile_of(side, 99.0),
+        "p999_us": percentile_of(side, 99.9),
+        "max_us": float(side.get("clat_ns", {}).get("max", float("nan"))) / 1000.0,
+        "state_after": mirror["active_state"],
+        "chunks_left_after": sync_after.get("chunks_left"),
+        "catch_up_s": catch_up, "in_sync_wait_before_s": waited,
+    }
+    if trig is not None:
+        ok = [r for r in trig.results if "split_ms" in r]
+        refused = [r for r in trig.results if "refused" in r]
+        splits = [r["split_ms"] for r in ok]
+        rtts = [r["rtt_ms"] for r in trig.results]
+        row.update({
+            "triggers": len(ok), "refused": len(refused),
+            "refusals": sorted({r["refused"] for r in refused}),
+            "split_p50_ms": pct(splits, 50), "split_p99_ms": pct(splits, 99),
+            "split_max_ms": max(splits, default=float("nan")),
+            "rtt_p50_ms": pct(rtts, 50), "rtt_p99_ms": pct(rtts, 99),
+            "split_ms": splits, "rtt_ms": rtts,
+        })
+        if args.probe and ok:
+            copies = [r["copy_chunks"] for r in ok]
+            row.update({
+                "copy_chunks_p50": pct(copies, 50),
+                "copy_bytes_total": sum(copies) * CHUNK,
+                "copy_per_written": sum(copies) * CHUNK / max(1, int(side["io_bytes"])),
+                "share_with_gen_completing": sum(1 for r in ok if r["gens_completing"])
+                / len(ok),
+            })
+    return row
+
+
+def verdict(value: float, aim: float, limit: float) -> str:
+    if value != value:  # NaN
+        return "no data"
+    if value <= aim:
+        return "meets the aim"
+    return "misses the aim" if value <= limit else "NOT DONE (over the limit)"
+
+
+def report(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    table = [["repeat", "mode", "IOPS", "p50 µs", "p99 µs", "p99.9 µs", "max µs", "triggers",
+              "refused", "split p50 ms", "split p99 ms", "split max ms", "API rtt p99 ms",
+              "after run", "catch-up s", "loadavg before"]]
+    for r in rows:
+        trig = r["mode"] == "triggers"
+        table.append([
+            str(r["repeat"]), r["mode"], f"{r['iops']:,.0f}", f"{r['p50_us']:,.0f}",
+            f"{r['p99_us']:,.0f}", f"{r['p999_us']:,.0f}", f"{r['max_us']:,.0f}",
+            str(r.get("triggers", "-")), str(r.get("refused", "-")),
+            f"{r['split_p50_ms']:.3f}" if trig else "-",
+            f"{r['split_p99_ms']:.3f}" if trig else "-",
+            f"{r['split_max_ms']:.3f}" if trig else "-",
+            f"{r['rtt_p99_ms']:.1f}" if trig else "-",
+            f"{r['state_after']} ({r['chunks_left_after']} left)" if
+            r["state_after"] != "in-sync" else "in-sync",
+            f"{r['catch_up_s']:.2f}", r["loadavg"],
+        ])
+    text = "Every run:\n" + render_table(table, right=set(range(2, 13)) | {14})
+    probed = [r for r in rows if "copy_chunks_p50" in r]
+    if probed:
+        ptable = [["repeat", "written by fio", "chunks to copy per trigger (median)",
+                   "copied by resyncs (sum)", "copied / written",
+                   "triggers finding a generation still completing"]]
+        for r in probed:
+            ptable.append([str(r["repeat"]), f"{r['written_bytes'] / MIB:,.0f} MiB",
+                           f"{r['copy_chunks_p50']:,.0f} ({r['copy_chunks_p50'] * CHUNK / MIB:,.0f}"
+                           " MiB)", f"{r['copy_bytes_total'] / MIB:,.0f} MiB",
+                           f"{r['copy_per_written']:.1f}x",
+                           f"{r['share_with_gen_completing'] * 100:.0f} %"])
+        text += ("\n\nWork each split hands the pool (status read right after each trigger):\n"
+                 + render_table(ptable, right={1, 2, 3, 4, 5}))
+
+    def med(mode: str, key: str) -> float:
+        return median([r[key] for r in rows if r["mode"] == mode])
+
+    repeats = sorted({r["repeat"] for r in rows})
+    ratios = []
+    for rep in repeats:
+        by = {r["mode"]: r for r in rows if r["repeat"] == rep}
+        if len(by) == 2:
+            ratios.append(by["triggers"]["p999_us"] / by["no-triggers"]["p999_us"])
+    every_split = [x for r in rows if r["mode"] == "triggers" for x in r["split_ms"]]
+    summary = {
+        "p999_us_no_triggers": med("no-triggers", "p999_us"),
+        "p999_us_triggers": med("triggers", "p999_us"),
+        "p999_ratio_median_of_repeats": median(ratios),
+        "p999_ratios": ratios,
+        "iops_no_triggers": med("no-triggers", "iops"),
+        "iops_triggers": med("triggers", "iops"),
+        "p99_us_no_triggers": med("no-triggers", "p99_us"),
+        "p99_us_triggers": med("triggers", "p99_us"),
+        "split_p50_ms": med("triggers", "split_p50_ms"),
+        "split_p99_ms": med("triggers", "split_p99_ms"),
+        "split_max_ms": med("triggers", "split_max_ms"),
+        "copy_per_written_median": median([r["copy_per_written"] for r in probed]),
+        "split_all": {"n": len(every_split), "p50_ms": pct(every_split, 50),
+                      "p99_ms": pct(every_split, 99),
+                      "max_ms": max(every_split, default=float("nan"))},
+    }
+    s = summary
+    main = [["figure (median of repeats)", "no triggers", "trigger every interval", "ratio",
+             "verdict"],
+            ["write IOPS", f"{s['iops_no_triggers']:,.0f}", f"{s['iops_triggers']:,.0f}",
+             f"{s['iops_triggers'] / s['iops_no_triggers']:.2f}", ""],
+            ["clat p99 µs", f"{s['p99_us_no_triggers']:,.0f}", f"{s['p99_us_triggers']:,.0f}",
+             f"{s['p99_us_triggers'] / s['p99_us_no_triggers']:.2f}", ""],
+            ["clat p99.9 µs", f"{s['p999_us_no_triggers']:,.0f}",
+             f"{s['p999_us_triggers']:,.0f}",
+             f"{s['p999_ratio_median_of_repeats']:.2f}",
+             f"{verdict(s['p999_ratio_median_of_repeats'], RATIO_AIM, RATIO_LIMIT)} "
+             f"(aim ≤ {RATIO_AIM}, limit {RATIO_LIMIT})"]]
+    split = [["split_ms", "median of repeats", f"all {s['split_all']['n']} triggers", "verdict"],
+             ["p50", f"{s['split_p50_ms']:.3f}", f"{s['split_all']['p50_ms']:.3f}", ""],
+             ["p99", f"{s['split_p99_ms']:.3f}", f"{s['split_all']['p99_ms']:.3f}",
+              f"{verdict(s['split_p99_ms'], SPLIT_AIM_MS, SPLIT_LIMIT_MS)} "
+              f"(aim < {SPLIT_AIM_MS} ms, limit {SPLIT_LIMIT_MS} ms)"],
+             ["max", f"{s['split_max_ms']:.3f}", f"{s['split_all']['max_ms']:.3f}", ""]]
+    text = (render_table(main, right={1, 2, 3}) + "\n\n" + render_table(split, right={1, 2})
+            + "\n\np99.9 ratio = triggers/no-triggers within each repeat, median over repeats "
+              f"(per repeat: {', '.join(f'{x:.2f}' for x in ratios)}).\n"
+              "split_ms: trigger received → generation readable, from each trigger's answer.\n"
+              "catch-up s: after fio stops, time until the active backup is in sync.\n\n"
+            + text)
+    return text, summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="trigger-load-", dir=args.tmpdir))
+    server: MirroredMirrorpool | None = None
+    fio: Fio | None = None
+    rows: list[dict[str, Any]] = []
+    try:
+        backing = tmp / "backing.img"
+        info, launcher, mp_env, digest = header(command, args, tmp, {
+            "LU": f"{backing}, {args.size} bytes of random data, pool {args.pool}, page cache",
+            "config": f"fio randwrite bs {args.bs} iodepth {args.iodepth}, {args.runtime}s per "
+                      f"run, repeat {args.repeat}, trigger every {args.interval * 1000:.0f} ms "
+                      f"from {args.delay}s after fio starts, mirrorpool args "
+                      f"{args.mirrorpool_args or '(none)'}",
+        })
+        progress(f"filling {backing} with {args.size >> 20} MiB of random data")
+        fill_random(backing, args.size)
+        fio = Fio(args.fio, tmp)
+        for repeat in range(1, args.repeat + 1):
+            order = list(MODES) if repeat % 2 else list(reversed(MODES))
+            server = MirroredMirrorpool(name="mirrorpool", launcher=launcher, env=mp_env,
+                                        extra_args=shlex.split(args.mirrorpool_args),
+                                        pool=args.pool, backing=backing, size=args.size,
+                                        workdir=tmp)
+            server.start()
+            progress(f"repeat {repeat}/{args.repeat}: mirrorpool pid "
+                     f"{server.proc.pid if server.proc else '?'}, warming up the pool")
+            try:
+                for _ in range(args.pool - 1):  # every member holds data before the runs
+                    server.trigger()
+                    server.wait_in_sync(600)
+                for mode in order:
+                    row = one_run(server, fio, args, mode, repeat)
+                    rows.append(row)
+                    extra = (f", {row['triggers']} triggers ({row['refused']} refused), split "
+                             f"p50/p99/max {row['split_p50_ms']:.3f}/{row['split_p99_ms']:.3f}/"
+                             f"{row['split_max_ms']:.3f} ms" if mode == "triggers" else "")
+                    progress(f"  {mode:<12} {row['iops']:8,.0f} IOPS  p50/p99/p99.9 "
+                             f"{row['p50_us']:,.0f}/{row['p99_us']:,.0f}/{row['p999_us']:,.0f} µs"
+                             f"{extra}; catch-up {row['catch_up_s']:.2f}s (loadavg before "
+                             f"{row['loadavg']})")
+            finally:
+                server.stop()
+                server = None
+        text, summary = report(rows)
+        print(text)
+        exit_note(args.mirrorpool_src, digest)
+        info["loadavg at end"] = loadavg()
+        dump_json(args.json_out, {
+            "command": command, "machine": info, "mirrorpool_source_sha256": digest,
+            "config": {k: v for k, v in vars(args).items() if k != "func"},
+            "runs": rows, "summary": summary,
+        })
+        return 0
+    finally:
+        if fio is not None:
+            fio.stop()
+        if server is not None:
+            server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
