@@ -42,7 +42,7 @@ from fio_compare import (
     wait_for_port,
 )
 
-CHUNK = 64 * 1024  # mirrorpool's unit of change tracking and resync
+UNIT = 64 * 1024  # the unit in which the benchmarks change data (64 KiB, aligned)
 START_TIMEOUT = 30.0
 
 
@@ -305,6 +305,15 @@ class LogTail:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no {message!r} {fields} in {self.path} after {timeout:.0f}s")
             time.sleep(interval)
+
+
+def tracking_chunk(api: Api, lu: str = LU_NAME) -> int:
+    """mirrorpool's change-tracking (and resync) granularity, in bytes, as its API says:
+    the ``chunk_size`` of a diff against a live generation (the LU needs one)."""
+    gens = api.get(f"/v1/lus/{lu}/backups")
+    if not gens:
+        raise RuntimeError(f"LU {lu} has no generation to ask its chunk size with")
+    return int(api.get(f"/v1/lus/{lu}/diff?from={gens[0]['gen']}")["chunk_size"])
 
 
 def sync_files(paths: Sequence[Path]) -> None:

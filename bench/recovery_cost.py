@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             say(f"round {n}: fio {r['fio'].get('iops', '?')} IOPS for {r['load_seconds']}s; "
                 f"resync at start {resync / MiB if resync is not None else float('nan'):.2f} "
                 f"MiB (log) / {r['bytes_to_resync_status'] / MiB:.2f} MiB (status) = "
-                f"{r['resync_percent_of_lu']}% of the LU; restart to listening "
+                f"{r['resync_percent_of_lu']}% of the LU (chunks marked changed by recovery: "
+                f"{r['chunks_marked_changed']}); restart to listening "
                 f"{r['restart_to_listening_s']}s, to serving {r['restart_to_serving_s']}s, "
                 f"to in-sync {r['restart_to_in_sync_s']}s")
     finally:

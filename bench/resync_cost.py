@@ -13,9 +13,10 @@ served by mirrorpool through the page cache, loopback only.
    a. settle trigger: the in-sync active backup becomes a generation and the
       other member, whose generation is as new as the data, becomes active
       (nothing to copy; checked);
-   b. change: fio writes that share of the LU's 64 KiB chunks, each once, at
-      random (``--rw=randwrite --bs=64k --io_size=N``; fio's random map never
-      writes a block twice), or the whole LU sequentially for 100 %;
+   b. change: fio writes that share of the LU in 64 KiB-aligned 64 KiB blocks,
+      each once, at random (``--rw=randwrite --bs=64k --io_size=N``; fio's
+      random map never writes a block twice), or the whole LU sequentially for
+      100 %;
    c. the data files are fsynced, so write-back of the change does not land
       on the measurement;
    d. measured trigger: the member made a generation by the settle trigger is
@@ -25,9 +26,11 @@ Times: ``server`` is from the trigger's receipt (its answer's ``created``) to
 the ``backup in sync`` line of mirrorpool's JSON log (both the server's
 clock); ``client`` is from sending the trigger to the client seeing that line
 (the log file is read every 5 ms; the status is not polled, so that polling
-does not compete with the copy).  Bytes copied =
-the sync progress's ``chunks_total`` × 64 KiB.  Aim: the 1 % case under 2 %
-of the 100 % case's time (over 5 % is not done).
+does not compete with the copy).  Bytes copied = the sync progress's
+``chunks_total`` × mirrorpool's tracking chunk, which the diff API reports as
+``chunk_size`` (64 KiB when this was written, 4 KiB since 32f8bef); it is
+checked against the bytes changed.  Aim: the 1 % case under 2 % of the 100 %
+case's time (over 5 % is not done).
 
     .venv/bin/python bench/resync_cost.py --repeat 3
 """
@@ -47,7 +50,7 @@ from typing import Any
 
 from fio_compare import MIB, _on_sigterm, parse_size, progress, render_table
 from mirrorbench import (
-    CHUNK,
+    UNIT,
     Fio,
     LogTail,
     MirroredMirrorpool,
@@ -60,6 +63,7 @@ from mirrorbench import (
     loadavg,
     median,
     sync_files,
+    tracking_chunk,
     write_side,
 )
 
@@ -84,8 +88,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--cases {args.cases!r}: comma-separated numbers, please")
     if not args.case_list or any(not 0 < c <= 100 for c in args.case_list):
         p.error("--cases must be percentages in (0, 100]")
-    if args.repeat < 1 or args.pool < 2 or args.size % CHUNK:
-        p.error("--repeat ≥ 1, --pool ≥ 2 and a size in whole 64 KiB chunks are needed")
+    if args.repeat < 1 or args.pool < 2 or args.size % UNIT:
+        p.error("--repeat ≥ 1, --pool ≥ 2 and a size in whole 64 KiB units are needed")
     check_tools(p, args, [args.fio])
     return args
 
@@ -96,24 +100,24 @@ def case_name(pct: float) -> str:
 
 def change(fio: Fio, server: MirroredMirrorpool, size: int, pct: float, seed: int) -> tuple[int,
                                                                                            float]:
-    """Write pct % of the LU's chunks (each once); (chunks written, seconds)."""
-    nchunks = size // CHUNK
-    n = nchunks if pct >= 100 else max(1, round(nchunks * pct / 100))
-    if n == nchunks:
+    """Write pct % of the LU's 64 KiB units (each once); (bytes written, seconds)."""
+    units = size // UNIT
+    n = units if pct >= 100 else max(1, round(units * pct / 100))
+    if n == units:
         opts = ["--rw=write", f"--bs={MIB}", "--iodepth=8", f"--size={size}"]
     else:
-        opts = ["--rw=randwrite", f"--bs={CHUNK}", "--iodepth=16", f"--size={size}",
-                f"--io_size={n * CHUNK}", f"--randseed={seed}"]
+        opts = ["--rw=randwrite", f"--bs={UNIT}", "--iodepth=16", f"--size={size}",
+                f"--io_size={n * UNIT}", f"--randseed={seed}"]
     t0 = time.monotonic()
     doc = fio.run(f"change-{pct:g}pct", server.uri, opts, 3600)
     took = time.monotonic() - t0
     written = int(write_side(doc)["io_bytes"])
-    if written != n * CHUNK:
-        raise RuntimeError(f"fio wrote {written} bytes, not {n * CHUNK}")
-    return n, took
+    if written != n * UNIT:
+        raise RuntimeError(f"fio wrote {written} bytes, not {n * UNIT}")
+    return written, took
 
 
-def timed_trigger(server: MirroredMirrorpool) -> dict[str, Any]:
+def timed_trigger(server: MirroredMirrorpool, chunk: int) -> dict[str, Any]:
     """Trigger, then wait until in sync; times and what the new active backup copied.
 
     The wait follows the server's log file (no status polling, which would compete
@@ -140,7 +144,7 @@ def timed_trigger(server: MirroredMirrorpool) -> dict[str, Any]:
     sync = mirror.get("sync") or {}
     chunks = int(sync.get("chunks_total", 0))
     return {"gen": gen["gen"], "split_ms": gen["split_ms"], "rtt_ms": rtt * 1000,
-            "member": member, "chunks": chunks, "bytes": chunks * CHUNK,
+            "member": member, "chunks": chunks, "bytes": chunks * chunk,
             "client_s": client_s,
             "server_s": done["time"] - gen["created"] if done and chunks else None}
 
@@ -177,30 +181,33 @@ def seconds(r: dict[str, Any]) -> float:
 
 
 def report(rows: list[dict[str, Any]], blank: dict[str, Any], cases: list[float],
-           size: int) -> tuple[str, dict[str, Any]]:
-    summary: dict[str, Any] = {}
-    table = [["case", "chunks expected", "chunks copied", "bytes copied", "seconds (median)",
-              "client s (median)", "MiB/s", "runs: server s", "runs: client s"]]
+           chunk: int) -> tuple[str, dict[str, Any]]:
+    summary: dict[str, Any] = {"tracking_chunk_bytes": chunk}
+    table = [["case", "bytes changed", "bytes copied (runs)", "chunks copied (median)",
+              "seconds (median)", "client s (median)", "MiB/s", "runs: server s",
+              "runs: client s"]]
     for pct in cases:
         mine = [r for r in rows if r["pct"] == pct]
         secs = median([seconds(r) for r in mine])
-        chunks = median([r["chunks"] for r in mine])
-        summary[case_name(pct)] = {"seconds": secs, "client_s": median([r["client_s"]
-                                                                         for r in mine]),
-                                   "chunks": chunks, "bytes": chunks * CHUNK,
-                                   "expected_chunks": mine[0]["expected"]}
-        table.append([case_name(pct), f"{mine[0]['expected']:,}",
-                      ", ".join(f"{r['chunks']:,}" for r in mine),
-                      f"{chunks * CHUNK / MIB:,.1f} MiB", f"{secs:.3f}",
+        copied = median([r["bytes"] for r in mine])
+        summary[case_name(pct)] = {
+            "seconds": secs, "client_s": median([r["client_s"] for r in mine]),
+            "chunks": median([r["chunks"] for r in mine]), "bytes": copied,
+            "bytes_changed": mine[0]["changed"]}
+        table.append([case_name(pct), f"{mine[0]['changed'] / MIB:,.1f} MiB",
+                      ", ".join(f"{r['bytes'] / MIB:,.1f}" for r in mine) + " MiB",
+                      f"{summary[case_name(pct)]['chunks']:,.0f}", f"{secs:.3f}",
                       f"{summary[case_name(pct)]['client_s']:.3f}",
-                      f"{chunks * CHUNK / MIB / secs:,.0f}" if secs else "-",
+                      f"{copied / MIB / secs:,.0f}" if secs else "-",
                       ", ".join(f"{seconds(r):.3f}" for r in mine),
                       ", ".join(f"{r['client_s']:.3f}" for r in mine)])
     b = blank
-    table.append(["blank member (first trigger)", f"{size // CHUNK:,}", f"{b['chunks']:,}",
-                  f"{b['bytes'] / MIB:,.1f} MiB", f"{seconds(b):.3f}", f"{b['client_s']:.3f}",
-                  f"{b['bytes'] / MIB / seconds(b):,.0f}", "(once)", ""])
+    table.append(["blank member (first trigger)", f"{b['changed'] / MIB:,.1f} MiB",
+                  f"{b['bytes'] / MIB:,.1f} MiB", f"{b['chunks']:,}", f"{seconds(b):.3f}",
+                  f"{b['client_s']:.3f}", f"{b['bytes'] / MIB / seconds(b):,.0f}", "(once)", ""])
     text = render_table(table, right={1, 3, 4, 5, 6})
+    text += (f"\n\nchunk = mirrorpool's tracking and resync unit, {chunk // 1024} KiB (the "
+             "diff API's chunk_size); bytes copied = sync progress chunks_total x chunk.")
     lo, hi = min(cases), max(cases)
     if lo != hi and hi >= 100:
         share = summary[case_name(lo)]["seconds"] / summary[case_name(hi)]["seconds"]
@@ -214,12 +221,12 @@ def report(rows: list[dict[str, Any]], blank: dict[str, Any], cases: list[float]
                    "misses the aim" if share <= LIMIT else "NOT DONE (over the limit)")
         summary["share"] = share
         summary["share_per_repeat"] = per_run
-        text += (f"\n\n{case_name(lo)} case / {case_name(hi)} case, time: {share * 100:.2f} % — "
+        text += (f"\n{case_name(lo)} case / {case_name(hi)} case, time: {share * 100:.2f} % — "
                  f"{verdict} (aim < {AIM * 100:g} %, limit {LIMIT * 100:g} %); per repeat: "
                  f"{', '.join(f'{x * 100:.2f} %' for x in per_run)}")
     text += ("\nseconds: trigger received → 'backup in sync' in the server's log; client s: "
-             "trigger sent → the client sees that log line (read every 5 ms).\nThe server's " \
-            "status is not polled during the copy.")
+             "trigger sent → the client sees that log line (read every 5 ms).\nThe server's "
+             "status is not polled during the copy.")
     return text, summary
 
 
@@ -255,33 +262,38 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      f"--size={args.size}"], 3600)
         progress(f"filled {args.size >> 20} MiB in {time.monotonic() - t0:.1f}s; fsync")
         sync_files(server.files())
-        blank = timed_trigger(server)
-        progress(f"blank member: {blank['chunks']:,} chunks in {seconds(blank):.2f}s "
-                 f"(loadavg {loadavg()})")
+        blank = timed_trigger(server, 0)
+        assert server.api is not None
+        chunk = tracking_chunk(server.api)
+        blank.update(bytes=blank["chunks"] * chunk, changed=args.size)
+        progress(f"blank member: {blank['chunks']:,} chunks of {chunk // 1024} KiB in "
+                 f"{seconds(blank):.2f}s (loadavg {loadavg()})")
         for repeat in range(1, args.repeat + 1):
             k = (repeat - 1) % len(args.case_list)
             order = [*args.case_list[k:], *args.case_list[:k]]
             for pct in order:
-                settle = timed_trigger(server)
+                settle = timed_trigger(server, chunk)
                 if settle["chunks"]:
                     raise RuntimeError(f"settle trigger had {settle['chunks']} chunks to copy")
-                n, change_s = change(fio, server, args.size, pct, 1000 * repeat + int(pct))
+                changed, change_s = change(fio, server, args.size, pct,
+                                           1000 * repeat + int(pct))
                 sync_files(server.files())
                 used = sum(p.stat().st_blocks * 512 for p in server.files())
                 la = loadavg()
-                r = timed_trigger(server)
-                r.update(repeat=repeat, pct=pct, expected=n, change_s=change_s, loadavg=la,
-                         disk_used=used)
+                r = timed_trigger(server, chunk)
+                r.update(repeat=repeat, pct=pct, changed=changed, change_s=change_s,
+                         loadavg=la, disk_used=used)
                 if args.verify:
                     r["verify_s"] = verify(server, r["member"])
                 rows.append(r)
-                flag = "" if r["chunks"] == n else f"  (expected {n:,} chunks!)"
+                flag = "" if r["bytes"] == changed else \
+                    f"  (copied {r['bytes']:,} bytes for {changed:,} changed!)"
                 if args.verify:
                     flag += "; backup = primary, byte for byte"
                 progress(f"repeat {repeat}: {case_name(pct):>6}: {r['chunks']:,} chunks "
                          f"({r['bytes'] / MIB:,.0f} MiB) in {seconds(r):.3f}s server / "
                          f"{r['client_s']:.3f}s client{flag} (loadavg before {la})")
-        text, summary = report(rows, blank, args.case_list, args.size)
+        text, summary = report(rows, blank, args.case_list, chunk)
         print(text)
         print("\nEvery run:")
         print(render_table([["repeat", "case", "chunks", "server s", "client s", "split ms",

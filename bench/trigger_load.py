@@ -36,7 +36,6 @@ from typing import Any
 
 from fio_compare import LU_NAME, MIB, _on_sigterm, fill_random, parse_size, progress, render_table
 from mirrorbench import (
-    CHUNK,
     Api,
     ApiError,
     Fio,
@@ -51,10 +50,12 @@ from mirrorbench import (
     pct,
     percentile_of,
     sync_files,
+    tracking_chunk,
     write_side,
 )
 
-MODES = ("no-triggers", "triggers")
+MODES = ("no-triggers", "triggers", "triggers-other-lu", "idle-triggers")
+OTHER_LU = "idle"  # a second LU of the same device that nothing writes to
 RATIO_AIM, RATIO_LIMIT = 1.1, 1.5
 SPLIT_AIM_MS, SPLIT_LIMIT_MS = 1.0, 5.0
 
@@ -71,6 +72,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bs", type=parse_size, default=parse_size("4k"))
     p.add_argument("--delay", type=float, default=0.5,
                    help="seconds after fio starts before the first trigger")
+    p.add_argument("--modes", default="no-triggers,triggers",
+                   help="comma-separated, from: no-triggers (fio alone), triggers (fio and "
+                        "triggers on its LU), triggers-other-lu (fio on its LU, triggers on a "
+                        "second LU nothing writes to: the control path's cost alone), "
+                        "idle-triggers (triggers, no fio: the split's floor); the order "
+                        "rotates each repeat (default: no-triggers,triggers)")
     p.add_argument("--no-probe", dest="probe", action="store_false",
                    help="do not GET the LU's status after each trigger (by default the thread "
                         "does, to record how many chunks the split gave the new backup to copy)")
@@ -78,6 +85,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.runtime < 2 or args.repeat < 1 or args.interval <= 0 or args.pool < 2:
         p.error("--runtime ≥ 2, --repeat ≥ 1, --interval > 0 and --pool ≥ 2 are needed")
+    args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not args.mode_list or any(m not in MODES for m in args.mode_list):
+        p.error(f"--modes: choose from {', '.join(MODES)}")
     check_tools(p, args, [args.fio])
     return args
 
@@ -86,7 +96,7 @@ class Triggerer(threading.Thread):
     """POSTs a trigger every ``interval`` s (no catch-up bursts) until stopped."""
 
     def __init__(self, server: MirroredMirrorpool, interval: float, start_at: float,
-                 stop_at: float, probe: bool) -> None:
+                 stop_at: float, probe: bool, lu: str = LU_NAME) -> None:
         super().__init__(name="triggerer", daemon=True)
         self.api = Api(server.api_port)
         self.server = server
@@ -94,6 +104,7 @@ class Triggerer(threading.Thread):
         self.start_at = start_at
         self.stop_at = stop_at
         self.probe = probe
+        self.lu = lu
         self.halt = threading.Event()
         self.results: list[dict[str, Any]] = []
         self.error: BaseException | None = None
@@ -109,12 +120,13 @@ class Triggerer(threading.Thread):
                     break
                 sent = time.monotonic()
                 try:
-                    answer, rtt = self.server.trigger(self.api)
+                    answer = self.api.post(f"/v1/lus/{self.lu}/trigger", {"label": "bench"})
+                    rtt = time.monotonic() - sent
                     gen = answer["generations"][0]
                     row = {"t": sent, "split_ms": gen["split_ms"], "rtt_ms": rtt * 1000,
                            "gen": gen["gen"]}
                     if self.probe:
-                        row.update(probe(self.api))
+                        row.update(probe(self.api, self.lu))
                     self.results.append(row)
                 except ApiError as exc:
                     self.results.append({"t": sent, "refused": exc.detail,
@@ -126,10 +138,10 @@ class Triggerer(threading.Thread):
             self.api.close()
 
 
-def probe(api: Api) -> dict[str, Any]:
+def probe(api: Api, lu: str) -> dict[str, Any]:
     """What the split just made the pool do: chunks the new active backup has to copy, and
     how many generations are still being completed (their chunks are copied before write)."""
-    mirror = api.get(f"/v1/lus/{LU_NAME}")["mirror"]
+    mirror = api.get(f"/v1/lus/{lu}")["mirror"]
     sync = mirror.get("sync") or {}
     return {
         "copy_chunks": int(sync.get("chunks_total", 0)),
@@ -139,7 +151,7 @@ def probe(api: Api) -> dict[str, Any]:
 
 
 def one_run(server: MirroredMirrorpool, fio: Fio, args: argparse.Namespace, mode: str,
-            repeat: int) -> dict[str, Any]:
+            repeat: int, chunk: int) -> dict[str, Any]:
     waited, _ = server.wait_in_sync(600)
     sync_files(server.files())
     la = loadavg()
@@ -147,14 +159,19 @@ def one_run(server: MirroredMirrorpool, fio: Fio, args: argparse.Namespace, mode
             f"--size={args.size}", f"--runtime={args.runtime}", "--time_based",
             "--percentile_list=50:99:99.9"]
     t0 = time.monotonic()
-    fio.start(f"{mode}-r{repeat}", server.uri, opts)
+    if mode != "idle-triggers":
+        fio.start(f"{mode}-r{repeat}", server.uri, opts)
     trig = None
-    if mode == "triggers":
+    if mode != "no-triggers":
         trig = Triggerer(server, args.interval, t0 + args.delay, t0 + args.runtime - 0.2,
-                         args.probe)
+                         args.probe, OTHER_LU if mode == "triggers-other-lu" else LU_NAME)
         trig.start()
     try:
-        doc = fio.wait(args.runtime * 4 + 60)
+        if mode == "idle-triggers":
+            time.sleep(args.runtime)
+            side: dict[str, Any] = {"iops": float("nan"), "io_bytes": 0, "clat_ns": {}}
+        else:
+            side = write_side(fio.wait(args.runtime * 4 + 60))
     finally:
         if trig is not None:
             trig.halt.set()
@@ -162,12 +179,11 @@ def one_run(server: MirroredMirrorpool, fio: Fio, args: argparse.Namespace, mode
     if trig is not None and trig.error is not None:
         raise RuntimeError(f"trigger thread failed: {trig.error!r}")
     server.check_alive()
-    side = write_side(doc)
     mirror = server.mirror()
     sync_after = mirror.get("sync") or {}
     catch_up, _ = server.wait_in_sync(600)
     row: dict[str, Any] = {
-        "repeat": repeat, "mode": mode, "loadavg": la,
+        "repeat": repeat, "mode": mode, "loadavg": la, "chunk": chunk,
         "iops": float(side["iops"]), "written_bytes": int(side["io_bytes"]),
         "p50_us": percentile_of(side, 50.0), "p99_us": percentile_of(side, 99.0),
         "p999_us": percentile_of(side, 99.9),
@@ -192,9 +208,8 @@ def one_run(server: MirroredMirrorpool, fio: Fio, args: argparse.Namespace, mode
         if args.probe and ok:
             copies = [r["copy_chunks"] for r in ok]
             row.update({
-                "copy_chunks_p50": pct(copies, 50),
-                "copy_bytes_total": sum(copies) * CHUNK,
-                "copy_per_written": sum(copies) * CHUNK / max(1, int(side["io_bytes"])),
+                "copy_chunks": copies, "copy_chunks_p50": pct(copies, 50),
+                "copy_chunks_p90": pct(copies, 90), "copy_chunks_max": max(copies),
                 "share_with_gen_completing": sum(1 for r in ok if r["gens_completing"])
                 / len(ok),
             })
@@ -214,7 +229,7 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
               "refused", "split p50 ms", "split p99 ms", "split max ms", "API rtt p99 ms",
               "after run", "catch-up s", "loadavg before"]]
     for r in rows:
-        trig = r["mode"] == "triggers"
+        trig = "split_p50_ms" in r
         table.append([
             str(r["repeat"]), r["mode"], f"{r['iops']:,.0f}", f"{r['p50_us']:,.0f}",
             f"{r['p99_us']:,.0f}", f"{r['p999_us']:,.0f}", f"{r['max_us']:,.0f}",
@@ -230,17 +245,21 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     text = "Every run:\n" + render_table(table, right=set(range(2, 13)) | {14})
     probed = [r for r in rows if "copy_chunks_p50" in r]
     if probed:
-        ptable = [["repeat", "written by fio", "chunks to copy per trigger (median)",
-                   "copied by resyncs (sum)", "copied / written",
-                   "triggers finding a generation still completing"]]
+        ptable = [["repeat", "mode", "written by fio", "to copy per trigger: p50",
+                   "p90", "max", "triggers finding a generation still completing"]]
         for r in probed:
-            ptable.append([str(r["repeat"]), f"{r['written_bytes'] / MIB:,.0f} MiB",
-                           f"{r['copy_chunks_p50']:,.0f} ({r['copy_chunks_p50'] * CHUNK / MIB:,.0f}"
-                           " MiB)", f"{r['copy_bytes_total'] / MIB:,.0f} MiB",
-                           f"{r['copy_per_written']:.1f}x",
+            def mib(n: float, r: dict[str, Any] = r) -> str:
+                return f"{n * r['chunk'] / MIB:,.1f} MiB"
+            ptable.append([str(r["repeat"]), r["mode"],
+                           f"{r['written_bytes'] / MIB:,.0f} MiB" if r["written_bytes"] else "-",
+                           mib(r["copy_chunks_p50"]), mib(r["copy_chunks_p90"]),
+                           mib(r["copy_chunks_max"]),
                            f"{r['share_with_gen_completing'] * 100:.0f} %"])
-        text += ("\n\nWork each split hands the pool (status read right after each trigger):\n"
-                 + render_table(ptable, right={1, 2, 3, 4, 5}))
+        text += ("\n\nWork each split hands the pool: the new active backup's chunks_total x "
+                 f"{probed[0]['chunk'] // 1024} KiB chunk,\nread from the status right after "
+                 "each trigger (a backlog not yet copied is counted again\nat the next "
+                 "trigger); a generation 'still completing' makes writes to its missing\n"
+                 "chunks copy them first:\n" + render_table(ptable, right={2, 3, 4, 5, 6}))
 
     def med(mode: str, key: str) -> float:
         return median([r[key] for r in rows if r["mode"] == mode])
@@ -249,7 +268,7 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     ratios = []
     for rep in repeats:
         by = {r["mode"]: r for r in rows if r["repeat"] == rep}
-        if len(by) == 2:
+        if "triggers" in by and "no-triggers" in by:
             ratios.append(by["triggers"]["p999_us"] / by["no-triggers"]["p999_us"])
     every_split = [x for r in rows if r["mode"] == "triggers" for x in r["split_ms"]]
     summary = {
@@ -264,7 +283,6 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         "split_p50_ms": med("triggers", "split_p50_ms"),
         "split_p99_ms": med("triggers", "split_p99_ms"),
         "split_max_ms": med("triggers", "split_max_ms"),
-        "copy_per_written_median": median([r["copy_per_written"] for r in probed]),
         "split_all": {"n": len(every_split), "p50_ms": pct(every_split, 50),
                       "p99_ms": pct(every_split, 99),
                       "max_ms": max(every_split, default=float("nan"))},
@@ -287,6 +305,20 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
               f"{verdict(s['split_p99_ms'], SPLIT_AIM_MS, SPLIT_LIMIT_MS)} "
               f"(aim < {SPLIT_AIM_MS} ms, limit {SPLIT_LIMIT_MS} ms)"],
              ["max", f"{s['split_max_ms']:.3f}", f"{s['split_all']['max_ms']:.3f}", ""]]
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    if any(m not in ("no-triggers", "triggers") for m in modes):
+        mt = [["mode (median of repeats)", "IOPS", "p99 µs", "p99.9 µs", "split p50 ms",
+               "split p99 ms", "split max ms"]]
+        for m in modes:
+            mine = [r for r in rows if r["mode"] == m]
+
+            def f(key: str, fmt: str, mine: list[dict[str, Any]] = mine) -> str:
+                vals = [r[key] for r in mine if key in r and r[key] == r[key]]
+                return format(median(vals), fmt) if vals else "-"
+            mt.append([m, f("iops", ",.0f"), f("p99_us", ",.0f"), f("p999_us", ",.0f"),
+                       f("split_p50_ms", ".3f"), f("split_p99_ms", ".3f"),
+                       f("split_max_ms", ".3f")])
+        text = "By mode:\n" + render_table(mt, right=set(range(1, 7))) + "\n\n" + text
     text = (render_table(main, right={1, 2, 3}) + "\n\n" + render_table(split, right={1, 2})
             + "\n\np99.9 ratio = triggers/no-triggers within each repeat, median over repeats "
               f"(per repeat: {', '.join(f'{x:.2f}' for x in ratios)}).\n"
@@ -310,14 +342,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "LU": f"{backing}, {args.size} bytes of random data, pool {args.pool}, page cache",
             "config": f"fio randwrite bs {args.bs} iodepth {args.iodepth}, {args.runtime}s per "
                       f"run, repeat {args.repeat}, trigger every {args.interval * 1000:.0f} ms "
-                      f"from {args.delay}s after fio starts, mirrorpool args "
+                      f"from {args.delay}s after fio starts, modes {','.join(args.mode_list)}, "
+                      f"mirrorpool args "
                       f"{args.mirrorpool_args or '(none)'}",
         })
         progress(f"filling {backing} with {args.size >> 20} MiB of random data")
         fill_random(backing, args.size)
         fio = Fio(args.fio, tmp)
         for repeat in range(1, args.repeat + 1):
-            order = list(MODES) if repeat % 2 else list(reversed(MODES))
+            k = (repeat - 1) % len(args.mode_list)
+            order = [*args.mode_list[k:], *args.mode_list[:k]]
             server = MirroredMirrorpool(name="mirrorpool", launcher=launcher, env=mp_env,
                                         extra_args=shlex.split(args.mirrorpool_args),
                                         pool=args.pool, backing=backing, size=args.size,
@@ -326,15 +360,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress(f"repeat {repeat}/{args.repeat}: mirrorpool pid "
                      f"{server.proc.pid if server.proc else '?'}, warming up the pool")
             try:
+                assert server.api is not None
+                if "triggers-other-lu" in args.mode_list:
+                    server.api.post("/v1/lus", {"name": OTHER_LU, "size": 64 << 20,
+                                                "pool": args.pool})
                 for _ in range(args.pool - 1):  # every member holds data before the runs
                     server.trigger()
                     server.wait_in_sync(600)
+                    if "triggers-other-lu" in args.mode_list:
+                        server.api.post(f"/v1/lus/{OTHER_LU}/trigger", {})
+                chunk = tracking_chunk(server.api)
                 for mode in order:
-                    row = one_run(server, fio, args, mode, repeat)
+                    row = one_run(server, fio, args, mode, repeat, chunk)
                     rows.append(row)
                     extra = (f", {row['triggers']} triggers ({row['refused']} refused), split "
                              f"p50/p99/max {row['split_p50_ms']:.3f}/{row['split_p99_ms']:.3f}/"
-                             f"{row['split_max_ms']:.3f} ms" if mode == "triggers" else "")
+                             f"{row['split_max_ms']:.3f} ms" if "split_p50_ms" in row else "")
                     progress(f"  {mode:<12} {row['iops']:8,.0f} IOPS  p50/p99/p99.9 "
                              f"{row['p50_us']:,.0f}/{row['p99_us']:,.0f}/{row['p999_us']:,.0f} µs"
                              f"{extra}; catch-up {row['catch_up_s']:.2f}s (loadavg before "

@@ -22,7 +22,8 @@ PID) and one LU.  A *cycle* is:
        not known to precede it (for a writer's own range: the same or a later
        counter);
    (b) prefix consistency: every acknowledged trigger's generation exists after
-       the restart (unless later splits legitimately recycled it) with the seq it
+       the restart (unless a later split recycled it: the pool member the answer
+       named is now the active backup or holds a newer generation) with the seq it
        was answered with, and each of its slots holds a write that is not older
        than the last write acknowledged before the trigger was sent and was not
        sent after the trigger was answered; generations of unanswered triggers that
@@ -148,6 +149,7 @@ class TriggerRec:
     answer: float | None = None
     gen: int | None = None
     seq: int | None = None
+    member: int | None = None  # the pool member the answer said holds the generation
     refused: str | None = None
     error: str | None = None
 
@@ -492,7 +494,7 @@ class CrashHarness:
                     return
                 rec.answer = time.monotonic()
                 g = answer["generations"][0]
-                rec.gen, rec.seq = g["gen"], g["seq"]
+                rec.gen, rec.seq, rec.member = g["gen"], g["seq"], g.get("member")
                 if g.get("label") != label:
                     errors.append(f"trigger {label} answered with label {g.get('label')!r}")
         except (OSError, NbdError, ValueError, KeyError):
@@ -648,7 +650,7 @@ class CrashHarness:
                        for w in writes],
             "flushes": [[self._rel(f.send), self._rel(f.ack)] for f in flushes],
             "triggers": [[t.label, t.mechanism, self._rel(t.send), self._rel(t.answer), t.gen,
-                          t.seq, t.refused] for t in triggers],
+                          t.seq, t.member, t.refused] for t in triggers],
         }
         dest.write_text(json.dumps(doc))
 
@@ -765,19 +767,27 @@ class CrashHarness:
             else:
                 result.gens_unacked_checked += 1
             self._check_prefix(gen, trig, idents, per_slot, observed)
-        # acknowledged triggers whose generation is gone
+        # acknowledged triggers whose generation is gone: legitimately only if a later
+        # split recycled its member (now the active backup, or holding a newer generation)
         keep = cfg.pool - 1 - self._pinned
         unpinned = [gen for gen, g in live.items() if not g.get("pinned")]
+        members = {m["member"]: m for m in self._mirror().get("members", [])}
         for t in triggers:
             if t.answer is None or t.gen in live and live[t.gen].get("label") == t.label:
                 continue
-            newer = sum(1 for gen in unpinned if gen > (t.gen or 0))
-            if t.gen is not None and newer >= keep:
+            now = members.get(t.member) if t.member is not None else None
+            if now is not None:
+                recycled = now.get("state") == "active" or (
+                    now.get("state") == "generation" and (now.get("gen") or 0) > (t.gen or 0))
+            else:  # no member known: the pool keeps the newest `keep` generations
+                recycled = sum(1 for gen in unpinned if gen > (t.gen or 0)) >= keep
+            if recycled:
                 result.acked_gens_recycled += 1
             else:
                 self._violation("acked-generation-missing", label=t.label, gen=t.gen, seq=t.seq,
-                                mechanism=t.mechanism, send=self._rel(t.send),
-                                answer=self._rel(t.answer), live=sorted(live))
+                                member=t.member, member_now=now, mechanism=t.mechanism,
+                                send=self._rel(t.send), answer=self._rel(t.answer),
+                                live=sorted(live))
 
         # ---- (c) mirror equality once in sync
         ok = self._wait_in_sync(cfg.in_sync_timeout)
