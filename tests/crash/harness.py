@@ -23,7 +23,8 @@ PID) and one LU.  A *cycle* is:
        counter);
    (b) prefix consistency: every acknowledged trigger's generation exists after
        the restart (unless a later split recycled it: the pool member the answer
-       named is now the active backup or holds a newer generation) with the seq it
+       named is now the active backup, holds a newer generation, or was named by a
+       later answer) with the seq it
        was answered with, and each of its slots holds a write that is not older
        than the last write acknowledged before the trigger was sent and was not
        sent after the trigger was answered; generations of unanswered triggers that
@@ -772,13 +773,20 @@ class CrashHarness:
         keep = cfg.pool - 1 - self._pinned
         unpinned = [gen for gen, g in live.items() if not g.get("pinned")]
         members = {m["member"]: m for m in self._mirror().get("members", [])}
+        newest_on: dict[int, int] = {}  # member -> newest generation answered on it
+        for t in triggers:
+            if t.answer is not None and t.member is not None and t.gen is not None:
+                newest_on[t.member] = max(newest_on.get(t.member, 0), t.gen)
         for t in triggers:
             if t.answer is None or t.gen in live and live[t.gen].get("label") == t.label:
                 continue
             now = members.get(t.member) if t.member is not None else None
             if now is not None:
-                recycled = now.get("state") == "active" or (
-                    now.get("state") == "generation" and (now.get("gen") or 0) > (t.gen or 0))
+                recycled = (
+                    now.get("state") == "active"
+                    or now.get("state") == "generation" and (now.get("gen") or 0) > (t.gen or 0)
+                    or newest_on.get(t.member, 0) > (t.gen or 0)  # reused by a later answer
+                )
             else:  # no member known: the pool keeps the newest `keep` generations
                 recycled = sum(1 for gen in unpinned if gen > (t.gen or 0)) >= keep
             if recycled:

@@ -6,6 +6,7 @@ moment by wrapping one call, or a child process killed inside a split).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -125,5 +126,25 @@ def test_crash_inside_a_split_leaves_no_generation_without_record(tmp_path: Path
         gens = [g["gen"] for g in device.backups.generations("lu")]
         assert len(gens) == len(set(gens)), (
             f"trigger answered gen {made['gen']}, now listed twice: {gens}")
+    finally:
+        device.close()
+
+
+def test_acknowledged_generation_survives_member_rows_saved_out_of_order(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    child = subprocess.run([sys.executable, "-m", "tests.crash.stale_rows_child", str(data)],
+                           cwd=REPO, capture_output=True, timeout=120)
+    assert child.returncode == -9, child.stderr.decode()[-3000:]
+    answer = json.loads(child.stdout.decode().splitlines()[0])
+    device = Device(str(data))
+    try:
+        listed = {g["gen"]: g for g in device.backups.generations("lu")}
+        members = [(m.idx, m.state.value, m.gen) for m in device.get_lu("lu").volume.members]
+        assert answer["gen"] in listed, (
+            f"trigger t2 was answered with generation {answer['gen']} on member "
+            f"{answer['member']}; after the crash: generations {sorted(listed)}, "
+            f"members {members}")
     finally:
         device.close()

@@ -196,11 +196,18 @@ def member_rows(volume: MirroredVolume) -> list[MemberRecord]:
 
 
 def save_volume(catalog: Catalog, volume: MirroredVolume) -> None:
-    with volume.seq.lock:
-        rows = member_rows(volume)
-        last_seq = volume.seq.last_seq
-        open_blob = volume.changes.open.serialize()
-    catalog.save_pool(volume.name, rows, last_seq, open_blob)
+    """Save the members as they are now.
+
+    The rows are taken inside the catalog transaction, so no split can commit
+    between taking them and committing them (which would put older rows over
+    its own); the sequencer lock is held only while taking them.
+    """
+    with catalog.transaction():
+        with volume.seq.lock:
+            rows = member_rows(volume)
+            last_seq = volume.seq.last_seq
+            open_blob = volume.changes.open.serialize()
+        catalog.save_pool(volume.name, rows, last_seq, open_blob)
 
 
 def save_split(
