@@ -148,3 +148,27 @@ def test_acknowledged_generation_survives_member_rows_saved_out_of_order(
             f"members {members}")
     finally:
         device.close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: apply_split rewrites the pending files of the split's members (nxt.save_pending) "
+    "before record_split notes the split in the crash journal; killed in between, start-up "
+    "knows nothing of the split and the recycled generation reads the new active backup's "
+    "resync set from the primary"))
+def test_crash_before_the_split_record_leaves_older_generations_alone(tmp_path: Path) -> None:
+    from tests.crash.journal_order_child import OFFSET as offset
+
+    data = tmp_path / "data"
+    child = subprocess.run([sys.executable, "-m", "tests.crash.journal_order_child", str(data)],
+                           cwd=REPO, capture_output=True, timeout=120)
+    assert child.returncode == -9, child.stderr.decode()[-3000:]
+    device = Device(str(data))
+    try:
+        volume = device.get_lu("lu").volume
+        live = {m.gen: m for m in volume.live_generations()}
+        if 1 in live:
+            assert _read(volume.generation_view(1), offset) == b"A", (
+                f"generation 1 (member {live[1].idx}) changed by the crash")
+        assert _read(volume.generation_view(2), offset) == b"B"
+    finally:
+        device.close()

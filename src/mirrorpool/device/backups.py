@@ -161,15 +161,20 @@ class BackupService:
         volume = lu.volume
         with volume.seq.lock:
             current = len(volume.members)
-            if size > current:
-                used = {m.idx for m in volume.members}
-                indexes = [i for i in range(size * 2 + 1) if i not in used][: size - current]
-                create_member_files(device.data_dir, lu.record, indexes)
-                device.catalog.add_members(name, indexes)
-                for idx in indexes:
-                    member = open_member(device.data_dir, lu.record, idx)
-                    device.wrap_member(member)
-                    volume.members.append(member)
+            used = {m.idx for m in volume.members}
+        if size > current:
+            # files and catalog first, outside the sequencer lock (the catalog is
+            # always taken before it, never under it)
+            indexes = [i for i in range(size * 2 + 1) if i not in used][: size - current]
+            create_member_files(device.data_dir, lu.record, indexes)
+            device.catalog.add_members(name, indexes)
+            added = []
+            for idx in indexes:
+                member = open_member(device.data_dir, lu.record, idx)
+                device.wrap_member(member)
+                added.append(member)
+            with volume.seq.lock:
+                volume.members.extend(added)
         if size < current:
             # not under the sequencer lock: removal waits for work in flight
             gone = volume.remove_members(current - size)
