@@ -150,11 +150,6 @@ def test_acknowledged_generation_survives_member_rows_saved_out_of_order(
         device.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: apply_split rewrites the pending files of the split's members (nxt.save_pending) "
-    "before record_split notes the split in the crash journal; killed in between, start-up "
-    "knows nothing of the split and the recycled generation reads the new active backup's "
-    "resync set from the primary"))
 def test_crash_before_the_split_record_leaves_older_generations_alone(tmp_path: Path) -> None:
     from tests.crash.journal_order_child import OFFSET as offset
 

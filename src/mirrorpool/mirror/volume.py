@@ -345,6 +345,13 @@ class MirroredVolume:
             member.epoch += 1
         plan.gen = self.next_gen
         self.next_gen += 1
+        if self.journal is not None:
+            # noted before any member file changes, so start-up can always finish it
+            nxt = plan.next_active
+            self.journal.record_split(SplitRecord(
+                plan.gen, op.seq or 0, member.idx, nxt.idx if nxt is not None else -1,
+                plan.created, plan.trigger_id, plan.source, plan.label, plan.recycled,
+            ))
         plan.delta = self.changes.close(plan.gen)
         if self.journal is not None:
             self.journal.rotate()
@@ -368,11 +375,6 @@ class MirroredVolume:
             if nxt in self._cow:
                 self._cow.remove(nxt)
         self.active = nxt
-        if self.journal is not None:
-            self.journal.record_split(SplitRecord(
-                plan.gen, op.seq or 0, member.idx, nxt.idx if nxt is not None else -1,
-                plan.created, plan.trigger_id, plan.source, plan.label, plan.recycled,
-            ))
 
     def finish_split(self, plan: SplitPlan) -> None:
         """Wait (without blocking other I/O) until the TRIGGER reaches the queue's head."""
