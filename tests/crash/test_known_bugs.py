@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -150,14 +151,19 @@ def test_acknowledged_generation_survives_member_rows_saved_out_of_order(
         device.close()
 
 
+def _crash_in_apply_split(tmp_path: Path, moment: str) -> Device:
+    data = tmp_path / "data"
+    child = subprocess.run(
+        [sys.executable, "-m", "tests.crash.journal_order_child", str(data), moment],
+        cwd=REPO, capture_output=True, timeout=120)
+    assert child.returncode == -9, child.stderr.decode()[-3000:]
+    return Device(str(data))
+
+
 def test_crash_before_the_split_record_leaves_older_generations_alone(tmp_path: Path) -> None:
     from tests.crash.journal_order_child import OFFSET as offset
 
-    data = tmp_path / "data"
-    child = subprocess.run([sys.executable, "-m", "tests.crash.journal_order_child", str(data)],
-                           cwd=REPO, capture_output=True, timeout=120)
-    assert child.returncode == -9, child.stderr.decode()[-3000:]
-    device = Device(str(data))
+    device = _crash_in_apply_split(tmp_path, "before")
     try:
         volume = device.get_lu("lu").volume
         live = {m.gen: m for m in volume.live_generations()}
@@ -165,5 +171,34 @@ def test_crash_before_the_split_record_leaves_older_generations_alone(tmp_path: 
             assert _read(volume.generation_view(1), offset) == b"A", (
                 f"generation 1 (member {live[1].idx}) changed by the crash")
         assert _read(volume.generation_view(2), offset) == b"B"
+    finally:
+        device.close()
+
+
+def test_crash_after_the_split_record_resyncs_the_new_active_backup(tmp_path: Path) -> None:
+    """Invariant 2 after a split completed at start-up.
+
+    The journal noted t3 (member 0, generation 1 with "A", to become the active
+    backup) but the crash came before member 0's pending file was rewritten.  The
+    primary holds "B": once in sync, the active backup must too, and so must the
+    generation the next trigger makes.
+    """
+    from tests.crash.journal_order_child import OFFSET as offset
+
+    device = _crash_in_apply_split(tmp_path, "after")
+    try:
+        volume = device.get_lu("lu").volume
+        assert volume.active is not None
+        deadline = time.monotonic() + 10
+        while volume.active.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not volume.active.pending
+        active = bytearray(4096)
+        volume.active.store.read_into(memoryview(active), offset)
+        assert active[:1] == b"B", (
+            f"active backup (member {volume.active.idx}) reads {active[:1]!r} after the"
+            " restart, the primary b'B'")
+        made = device.triggers.trigger(["lu"], "after-restart")[0]
+        assert _read(volume.generation_view(made["gen"]), offset) == b"B"
     finally:
         device.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyroaring import BitMap
@@ -11,7 +12,7 @@ from mirrorpool.device.catalog import Catalog, GenerationRecord, LuRecord, Membe
 from mirrorpool.mirror.changes import CHUNK, ChangeLog
 from mirrorpool.mirror.journal import BitmapFile, Journal, SplitRecord
 from mirrorpool.mirror.pool import Member, MemberState
-from mirrorpool.mirror.volume import MirroredVolume, SplitPlan
+from mirrorpool.mirror.volume import MirroredVolume, SplitPlan, member_differs
 from mirrorpool.store import FileStore
 
 
@@ -107,8 +108,14 @@ def open_volume(
         members.append(member)
     for split in journal.pending_splits():
         later = any(g > split.gen for g in generations)
+        deltas = {g: _bitmap(r.changes) for g, r in generations.items() if r.changes is not None}
+        before = ChangeLog(deltas, _bitmap(catalog.lu_state(record.name)[1]) | changed)
+
+        def differs(member: Member, log: ChangeLog = before) -> BitMap:
+            return member_differs(member, log, primary, record.size)
+
         if split.gen not in generations and _complete_split(catalog, record.name, members,
-                                                            split, changed, later):
+                                                            split, changed, later, differs):
             recovery.splits_completed += 1
             generations = {g.gen: g for g in catalog.generations(record.name,
                                                                  include_recycled=True)}
@@ -138,13 +145,15 @@ def open_volume(
 
 def _complete_split(
     catalog: Catalog, lu: str, members: list[Member], split: SplitRecord, changed: BitMap,
-    later_committed: bool,
+    later_committed: bool, differs: Callable[[Member], BitMap],
 ) -> bool:
     """Finish a split the crash cut short: the journal noted it before any write went on.
 
     Its change set is not known exactly; the chunks the journal saw changed stand
     in for it (an over-report).  Its trigger was never answered, so completing
     it is as good as rolling it back, and keeps every member as it really is.
+    If the crash came before the members' pending files were rewritten, no write
+    after the split had begun, so what they must copy follows from the change log.
     """
     by_idx = {m.idx: m for m in members}
     frozen = by_idx.get(split.gen_member)
@@ -160,6 +169,11 @@ def _complete_split(
     if holder is not None:
         frozen = holder  # member rows were saved after the split: only its record is missing
         nxt = None
+    elif not split.applied:
+        for m in (frozen, nxt):
+            if m is not None and m.state is not MemberState.ACTIVE:
+                m.pending |= differs(m)
+                m.save_pending()
     for m in members if holder is None else ():
         if m.state is MemberState.ACTIVE and m is not nxt:
             m.state = MemberState.GENERATION if m is frozen else MemberState.FAILED

@@ -55,11 +55,15 @@ class SplitRecord:
     source: str
     label: str
     recycled: list[int]
+    # the members' pending files were rewritten for this split; until then,
+    # start-up works out what they must hold from the change log
+    applied: bool = False
 
     def pack(self) -> bytes:
         label = self.label.encode()[:512]
         recycled = self.recycled[:MAX_RECYCLED]
-        head = _SPLIT.pack(b"SPLT", 1, self.gen, self.seq, self.gen_member, self.next_active,
+        state = 2 if self.applied else 1
+        head = _SPLIT.pack(b"SPLT", state, self.gen, self.seq, self.gen_member, self.next_active,
                            self.created, self.trigger_id.encode()[:16],
                            self.source.encode()[:16], len(label), len(recycled))
         return head + label + b"".join(struct.pack(">I", g) for g in recycled)
@@ -68,7 +72,7 @@ class SplitRecord:
     def unpack(cls, raw: bytes) -> SplitRecord | None:
         (magic, state, gen, seq, gen_member, next_active, created, trigger_id, source,
          label_len, nrecycled) = _SPLIT.unpack(raw[: _SPLIT.size])
-        if magic != b"SPLT" or state != 1:
+        if magic != b"SPLT" or state not in (1, 2):
             return None
         pos = _SPLIT.size
         label = raw[pos : pos + label_len].decode(errors="replace")
@@ -77,7 +81,7 @@ class SplitRecord:
                     for i in range(nrecycled)]
         return cls(gen, seq, gen_member, next_active, created,
                    trigger_id.rstrip(b"\0").decode(), source.rstrip(b"\0").decode(), label,
-                   recycled)
+                   recycled, applied=state == 2)
 
 
 class Journal:
@@ -275,6 +279,14 @@ class Journal:
         offset = self._split_offset(free)
         self._map[offset : offset + len(raw)] = raw  # type: ignore[index]
         self._split_gens[free] = record.gen
+        if self.sync:
+            self._map.flush()  # type: ignore[union-attr]
+
+    def split_applied(self, gen: int) -> None:
+        """The pending files of a noted split's members are written (lock held)."""
+        for i, recorded in enumerate(self._split_gens):
+            if recorded == gen:
+                self._map[self._split_offset(i) + 4] = 2  # type: ignore[index]
         if self.sync:
             self._map.flush()  # type: ignore[union-attr]
 

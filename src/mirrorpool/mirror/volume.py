@@ -39,6 +39,21 @@ SPARSE_COPY = 256 * 1024  # copies from this size look for holes first
 _mirror_io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mirror-io")
 
 
+def member_differs(member: Member, changes: ChangeLog, primary: FileStore, size: int) -> BitMap:
+    """Chunks where ``member`` may differ from the primary now."""
+    nchunks = (size + CHUNK - 1) // CHUNK
+    if member.state is MemberState.FAILED:
+        return BitMap(range(nchunks))
+    if member.state is MemberState.SPARE:
+        allocated = BitMap()
+        for ext in primary.extents(0, size):
+            if not ext.flags & AllocationFlag.HOLE:
+                first, stop = chunk_span(ext.offset, ext.length)
+                allocated.add_range(first, stop)
+        return allocated | changes.since(None)
+    return changes.since(member.gen) | member.pending
+
+
 class TriggerRefused(Conflict):
     """No consistent backup can be made now; nothing was changed."""
 
@@ -375,6 +390,8 @@ class MirroredVolume:
             if nxt in self._cow:
                 self._cow.remove(nxt)
         self.active = nxt
+        if self.journal is not None:
+            self.journal.split_applied(plan.gen)
 
     def finish_split(self, plan: SplitPlan) -> None:
         """Wait (without blocking other I/O) until the TRIGGER reaches the queue's head."""
@@ -443,18 +460,7 @@ class MirroredVolume:
         return True
 
     def _differs(self, member: Member) -> BitMap:
-        """Chunks where ``member`` may differ from the primary now."""
-        nchunks = (self.size + CHUNK - 1) // CHUNK
-        if member.state is MemberState.FAILED:
-            return BitMap(range(nchunks))
-        if member.state is MemberState.SPARE:
-            allocated = BitMap()
-            for ext in self.primary.extents(0, self.size):
-                if not ext.flags & AllocationFlag.HOLE:
-                    first, stop = chunk_span(ext.offset, ext.length)
-                    allocated.add_range(first, stop)
-            return allocated | self.changes.since(None)
-        return self.changes.since(member.gen) | member.pending
+        return member_differs(member, self.changes, self.primary, self.size)
 
     # ------------------------------------------------------------ generations
 
