@@ -93,18 +93,25 @@ class RunningDevice:
 
 def serve(config: ServeConfig) -> None:
     stop = threading.Event()
+    received: list[int] = []
 
     def _on_signal(signum: int, _frame: object) -> None:
-        log.info("signal received", extra={"signal": signal.Signals(signum).name})
+        # Only note it: the handler may interrupt the main thread inside a write to
+        # the log stream, where logging again would raise or deadlock.
+        received.append(signum)
         stop.set()
 
     # Installed first: a stop asked for during start-up is honoured once started.
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     running = RunningDevice(config)
-    running.start()
     try:
-        while not stop.wait(3600):
+        running.start()
+        # Short waits: a signal delivered to another thread only sets a flag, and
+        # the main thread runs the handler once it next runs Python code; a long
+        # wait on a lock would put that off until it timed out.
+        while not stop.wait(0.2):
             pass
+        log.info("signal received", extra={"signal": signal.Signals(received[0]).name})
     finally:
         running.stop()
