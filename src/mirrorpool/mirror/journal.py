@@ -6,11 +6,13 @@ survive a crash of the process; with ``sync=True`` each new entry is also made
 durable first, which covers a power loss at the price of one device flush per
 entry:
 
-* **write-intent slots**: the chunks that may have writes in flight, as a
-  bounded set (an activity log, as in DRBD).  A chunk enters before its first
-  write and leaves, least recently used first, once no write to it is in
-  flight.  After a crash, exactly these chunks may differ between the primary
-  and its active backup, so recovery resyncs them and nothing else.
+* **write-intent slots**: the chunk ranges that may have writes in flight, as
+  a bounded set (an activity log, as in DRBD).  A range enters before its
+  first write and leaves, least recently used first, once no write to it is
+  in flight and the ranges kept cover more than a budget of chunks.  After a
+  crash, exactly these chunks may differ between the primary and its active
+  backup, so recovery resyncs them and nothing else.  One slot per range, not
+  per chunk, keeps a 1 MiB write as cheap to note as a 4 KiB one.
 * **changed regions**: coarse regions (1 MiB) written since the last split,
   in two alternating bitmaps so the previous split's set stays until that
   split is in the catalog.  After a crash they are added to the open change
@@ -35,7 +37,21 @@ HEADER = struct.Struct(">8sIIIIQ")  # magic, slots, region chunks, nregions, cur
 HEADER_SIZE = 4096
 EMPTY = 0xFFFFFFFFFFFFFFFF
 REGION_CHUNKS = 256  # 1 MiB regions
-DEFAULT_SLOTS = 4096  # 16 MiB of chunks may be in flight or recently written
+DEFAULT_SLOTS = 4096
+BUDGET_CHUNKS = 4096  # idle ranges are kept up to 16 MiB: what recovery may resync
+# a slot: first chunk in the low 40 bits, chunk count - 1 in the high 24
+_FIRST_BITS = 40
+_FIRST_MASK = (1 << _FIRST_BITS) - 1
+MAX_SLOT_CHUNKS = 1 << 24
+
+
+def pack_slot(first: int, count: int) -> bytes:
+    return struct.pack(">Q", ((count - 1) << _FIRST_BITS) | first)
+
+
+def unpack_slot(value: int) -> tuple[int, int]:
+    """(first chunk, count); a slot of the older one-chunk format reads the same."""
+    return value & _FIRST_MASK, (value >> _FIRST_BITS) + 1
 SPLIT_SLOTS = 16  # splits taken and not yet committed to the catalog
 SPLIT_RECORD = 1024
 _SPLIT = struct.Struct(">4sB3xIQiid16s16sHB")  # + label, + recycled gens (u32 each)
@@ -85,9 +101,11 @@ class SplitRecord:
 
 
 class Journal:
-    def __init__(self, path: str, size: int, slots: int = DEFAULT_SLOTS, sync: bool = False):
+    def __init__(self, path: str, size: int, slots: int = DEFAULT_SLOTS, sync: bool = False,
+                 budget_chunks: int = BUDGET_CHUNKS):
         self.path = path
         self.slots = slots
+        self.budget_chunks = budget_chunks
         self.sync = sync
         nchunks = (size + CHUNK - 1) // CHUNK
         self.nregions = (nchunks + REGION_CHUNKS - 1) // REGION_CHUNKS
@@ -97,9 +115,10 @@ class Journal:
         self._current = 0
         self._unsaved = 0
         self._split_gens: list[int | None] = [None] * SPLIT_SLOTS
-        # chunk -> writes in flight; ordered by last use for eviction
-        self._hot: OrderedDict[int, int] = OrderedDict()
-        self._slot_of: dict[int, int] = {}
+        # (first, stop) chunk range -> writes in flight; ordered by last use for eviction
+        self._hot: OrderedDict[tuple[int, int], int] = OrderedDict()
+        self._slot_of: dict[tuple[int, int], list[int]] = {}
+        self._kept_chunks = 0  # chunks covered by the ranges in _hot (overlaps counted twice)
         self._free_slots = list(range(slots - 1, -1, -1))
         self._regions = bytearray(self._bitmap_bytes)
         self._map: mmap.mmap | None = None
@@ -152,9 +171,10 @@ class Journal:
             raise ValueError(f"{self.path}: not a mirrorpool journal")
         divergent = BitMap()
         data = os.pread(self._fd, slots * 8, HEADER_SIZE)
-        for (chunk,) in struct.iter_unpack(">Q", data):
-            if chunk != EMPTY:
-                divergent.add(chunk)
+        for (value,) in struct.iter_unpack(">Q", data):
+            if value != EMPTY:
+                first, count = unpack_slot(value)
+                divergent.add_range(first, first + count)
         changed = BitMap()
         bitmap_bytes = (nregions + 7) // 8
         for which in (0, 1):
@@ -173,6 +193,7 @@ class Journal:
         """Start afresh, still covering ``changed`` (the open change set held in memory)."""
         self._hot.clear()
         self._slot_of.clear()
+        self._kept_chunks = 0
         self._free_slots = list(range(self.slots - 1, -1, -1))
         self._regions = bytearray(self._bitmap_bytes)
         self._current = 0
@@ -191,16 +212,16 @@ class Journal:
 
     def begin(self, first: int, stop: int) -> None:
         """Chunks [first, stop) are about to be written; the caller holds the sequencer lock."""
+        key = (first, stop)
         dirty = False
-        for chunk in range(first, stop):
-            count = self._hot.get(chunk)
-            if count is None:
-                self._enter(chunk)
-                self._hot[chunk] = 1
-                dirty = True
-            else:
-                self._hot[chunk] = count + 1
-                self._hot.move_to_end(chunk)
+        count = self._hot.get(key)
+        if count is None:
+            self._enter(key)
+            self._hot[key] = 1
+            dirty = True
+        else:
+            self._hot[key] = count + 1
+            self._hot.move_to_end(key)
         for region in range(first // REGION_CHUNKS, (stop - 1) // REGION_CHUNKS + 1):
             byte, bit = divmod(region, 8)
             if not self._regions[byte] & (1 << bit):
@@ -211,25 +232,43 @@ class Journal:
             self._map.flush()  # type: ignore[union-attr]
 
     def end(self, first: int, stop: int) -> None:
-        for chunk in range(first, stop):
-            count = self._hot.get(chunk)
-            if count is not None:
-                self._hot[chunk] = count - 1
+        key = (first, stop)
+        count = self._hot.get(key)
+        if count is not None:
+            self._hot[key] = count - 1
 
-    def _enter(self, chunk: int) -> None:
-        if not self._free_slots:
-            self._evict()
-        slot = self._free_slots.pop() if self._free_slots else self._steal_slot()
-        self._slot_of[chunk] = slot
-        offset = self._slots_offset() + slot * 8
-        self._map[offset : offset + 8] = struct.pack(">Q", chunk)  # type: ignore[index]
+    def _enter(self, key: tuple[int, int]) -> None:
+        first, stop = key
+        pieces = [(f, min(stop, f + MAX_SLOT_CHUNKS)) for f in range(first, stop, MAX_SLOT_CHUNKS)]
+        self._kept_chunks += stop - first
+        self._evict(len(pieces))
+        taken: list[int] = []
+        self._slot_of[key] = taken  # first, so that a slot stolen meanwhile keeps the others
+        for f, s in pieces:
+            slot = self._free_slots.pop() if self._free_slots else self._steal_slot()
+            offset = self._slots_offset() + slot * 8
+            self._map[offset : offset + 8] = pack_slot(f, s - f)  # type: ignore[index]
+            taken.append(slot)
 
-    def _evict(self) -> None:
-        for chunk, count in self._hot.items():
+    def _evict(self, wanted: int) -> None:
+        """Free idle ranges, oldest first, to hold the budget and find ``wanted`` free slots.
+
+        A freed slot is not rewritten: its range stays on file, an over-report,
+        until the slot is used again.
+        """
+        kept, free = self._kept_chunks, len(self._free_slots)
+        victims = []
+        for key, count in self._hot.items():
+            if kept <= self.budget_chunks and free >= wanted:
+                break
             if count <= 0:
-                del self._hot[chunk]
-                self._free_slots.append(self._slot_of.pop(chunk))
-                return
+                victims.append(key)
+                kept -= key[1] - key[0]
+                free += len(self._slot_of[key])
+        for key in victims:
+            del self._hot[key]
+            self._free_slots.extend(self._slot_of.pop(key))
+        self._kept_chunks = kept
 
     def _steal_slot(self) -> int:
         # Every slot has a write in flight: grow past the bound rather than lose track.
@@ -246,8 +285,10 @@ class Journal:
 
     def _rewrite_all(self) -> None:
         slots = bytearray(b"\xff" * (self.slots * 8))
-        for chunk, slot in self._slot_of.items():
-            slots[slot * 8 : slot * 8 + 8] = struct.pack(">Q", chunk)
+        for (first, stop), taken in self._slot_of.items():
+            pieces = range(first, stop, MAX_SLOT_CHUNKS)
+            for slot, f in zip(taken, pieces, strict=False):  # pieces not yet given a slot
+                slots[slot * 8 : slot * 8 + 8] = pack_slot(f, min(stop, f + MAX_SLOT_CHUNKS) - f)
         os.pwrite(self._fd, bytes(slots), self._slots_offset())
         self._write_header()
         for which in (0, 1):
