@@ -33,6 +33,8 @@ class Member:
     readers: int = 0
     frozen_seq: int | None = None
     split_done: threading.Event = field(default_factory=threading.Event)
+    # mutations ordered before the split that made this generation, until all finished
+    split_earlier: list = field(default_factory=list)
     copy_total: int = 0  # chunks to copy when the current resync started
     pending_file: BitmapFile | None = None  # the pending set, kept exact across crashes
     epoch: int = 0  # bumped whenever chunks are marked pending anew

@@ -34,6 +34,7 @@ from mirrorpool.store import Extent, FileStore, StoreError
 log = logging.getLogger("mirrorpool.mirror")
 
 COPY_RUN = 256  # chunks per background copy step (1 MiB)
+COPY_RUNS = 64  # separate runs per step, when the chunks to copy are scattered
 PARALLEL_WRITE = 256 * 1024  # from this size the backup is written beside the primary
 SPARSE_COPY = 256 * 1024  # copies from this size look for holes first
 _mirror_io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mirror-io")
@@ -114,7 +115,9 @@ class MirroredVolume:
         self.resync_paused = False
         self._copied_bytes = 0
         self._copy_started = 0.0
+        # trigger received -> generation readable, and -> every earlier mutation done
         self.split_latencies: list[float] = []
+        self.settle_latencies: list[float] = []
         self.last_trigger: dict | None = None
         self._resync = threading.Thread(target=self._resync_loop, name=f"resync-{name}",
                                         daemon=True)
@@ -375,6 +378,7 @@ class MirroredVolume:
         member.frozen_seq = op.seq
         member.last_used = op.seq or 0
         member.split_done = threading.Event()
+        member.split_earlier = earlier
         if member.pending and member not in self._cow:
             self._cow.append(member)
         member.save_pending()
@@ -392,15 +396,19 @@ class MirroredVolume:
         self.active = nxt
         if self.journal is not None:
             self.journal.split_applied(plan.gen)
+        # readable from here on: a read waits only for earlier mutations it overlaps
+        self.split_latencies.append(time.monotonic() - plan.received)
+        del self.split_latencies[:-1000]
 
     def finish_split(self, plan: SplitPlan) -> None:
         """Wait (without blocking other I/O) until the TRIGGER reaches the queue's head."""
         for dep in plan.earlier or []:
             if not dep.finished:
                 dep.event.wait()  # type: ignore[union-attr]
+        plan.gen_member.split_earlier = []
         plan.gen_member.split_done.set()
-        self.split_latencies.append(time.monotonic() - plan.received)
-        del self.split_latencies[:-1000]
+        self.settle_latencies.append(time.monotonic() - plan.received)
+        del self.settle_latencies[:-1000]
         self.wake_resync()
 
     def remove_members(self, count: int) -> list[Member]:
@@ -498,17 +506,27 @@ class MirroredVolume:
         with self._copy_wanted:
             self._copy_wanted.notify()
 
-    def _next_copy(self) -> tuple[Member, BitMap] | None:
-        """Frozen generations first (they tax host writes with copy-before-write)."""
+    def _next_copy(self) -> tuple[Member, list[tuple[int, int]]] | None:
+        """The next runs to copy, frozen generations first (they tax host writes).
+
+        Up to COPY_RUNS runs of consecutive chunks, COPY_RUN chunks in all: scattered
+        chunks are copied many per step, yet each run is ordered on its own, so a
+        host write waits only if it overlaps one of them.
+        """
         with self.seq.lock:
             for member in [*self._cow, self.active]:
                 if member is not None and member.pending:
-                    # one contiguous run: the copy holds back host writes to that range only
-                    first = member.pending.min()
-                    stop = first + 1
-                    while stop < first + COPY_RUN and stop in member.pending:
-                        stop += 1
-                    return member, BitMap(range(first, stop))
+                    runs: list[tuple[int, int]] = []
+                    for total, c in enumerate(member.pending, 1):
+                        if runs and runs[-1][1] == c:
+                            runs[-1] = (runs[-1][0], c + 1)
+                        elif len(runs) == COPY_RUNS:
+                            break
+                        else:
+                            runs.append((c, c + 1))
+                        if total == COPY_RUN:
+                            break
+                    return member, runs
         return None
 
     def _resync_loop(self) -> None:
@@ -519,19 +537,24 @@ class MirroredVolume:
                     if not self._stopping:
                         self._copy_wanted.wait(1.0)
                 continue
-            member, run = job
+            member, runs = job
             if not self._copy_started:
                 self._copy_started = time.monotonic()
-            admitted_epoch: list[int] = []
-            op = self.seq.admit(run.min() * CHUNK, (run.max() + 1) * CHUNK, "copy", False,
-                                lambda _op, m=member, out=admitted_epoch: out.append(m.epoch))
-            self.seq.wait(op)
+            with self.seq.lock:
+                # a split after admission may re-mark these chunks for writes that
+                # wait behind this copy: the epoch taken at admission tells
+                epoch = member.epoch
+                ops = [self.seq.admit(first * CHUNK, stop * CHUNK, "copy", False)
+                       for first, stop in runs]
+            chosen = BitMap()
+            for first, stop in runs:
+                chosen.add_range(first, stop)
             try:
-                still = run & member.pending
+                for op in ops:
+                    self.seq.wait(op)
+                still = chosen & member.pending
                 if still and member.state in (MemberState.ACTIVE, MemberState.GENERATION):
-                    # a split after admission may re-mark these chunks for writes that
-                    # wait behind this copy: the epoch taken at admission tells
-                    self._copy_chunks(member, still, admitted_epoch[0])
+                    self._copy_chunks(member, still, epoch)
                     self._written.add(member)
             except StoreError as exc:
                 self._member_failed(member, exc)
@@ -539,7 +562,8 @@ class MirroredVolume:
                 log.exception("resync step failed", extra={"lu": self.name, "member": member.idx})
                 time.sleep(1.0)  # do not spin on a persistent fault
             finally:
-                self.seq.finish(op)  # a copy never entered the journal: only members change
+                for op in ops:
+                    self.seq.finish(op)  # a copy never entered the journal: only members change
             if not member.pending:
                 self._save()
 
@@ -601,9 +625,16 @@ class GenerationView:
     def size(self) -> int:
         return self.volume.size
 
+    def _after_earlier(self, offset: int, length: int) -> None:
+        """Wait for the mutations ordered before the split that overlap this range."""
+        end = offset + length
+        for dep in self.member.split_earlier:
+            if not dep.finished and dep.start < end and offset < dep.end:
+                dep.event.wait()
+
     def read_into(self, buf: memoryview, offset: int) -> None:
         member = self.member
-        member.split_done.wait()
+        self._after_earlier(offset, len(buf))
         if not member.pending:
             member.store.read_into(buf, offset)
             return
@@ -625,7 +656,7 @@ class GenerationView:
 
     def extents(self, offset: int, length: int, limit: int | None = None) -> list[Extent]:
         member = self.member
-        member.split_done.wait()
+        self._after_earlier(offset, length)
         if member.pending:
             end = min(offset + length, self.size)
             return [Extent(offset, end - offset, AllocationFlag(0))]
