@@ -92,7 +92,11 @@ class GenerationAnswer(BaseModel):
     source: str
     created: float
     member: int
-    split_ms: float | None
+    split_ms: float | None = Field(
+        None, description="trigger received to generation readable (reads wait only for "
+                          "earlier writes they overlap)")
+    settle_ms: float | None = Field(
+        None, description="trigger received to every earlier write finished")
 
 
 class TriggerAnswer(BaseModel):

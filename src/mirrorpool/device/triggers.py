@@ -136,8 +136,8 @@ class TriggerService:
                 "source": pending.source,
                 "created": pending.received_wall,
                 "member": plan.gen_member.idx,
-                "split_ms": round(lu.volume.split_latencies[-1] * 1000, 3)
-                if lu.volume.split_latencies else None,
+                "split_ms": round(plan.split_s * 1000, 3),
+                "settle_ms": round(plan.settle_s * 1000, 3),
             }
             lu.volume.last_trigger = answer
             answers.append(answer)

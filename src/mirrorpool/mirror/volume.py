@@ -69,6 +69,8 @@ class SplitPlan:
     gen: int = 0
     delta: BitMap | None = None
     received: float = 0.0
+    split_s: float = 0.0  # received -> readable
+    settle_s: float = 0.0  # received -> every earlier mutation finished
     # what the trigger says of itself, noted in the crash journal with the split
     trigger_id: str = ""
     label: str = ""
@@ -397,7 +399,8 @@ class MirroredVolume:
         if self.journal is not None:
             self.journal.split_applied(plan.gen)
         # readable from here on: a read waits only for earlier mutations it overlaps
-        self.split_latencies.append(time.monotonic() - plan.received)
+        plan.split_s = time.monotonic() - plan.received
+        self.split_latencies.append(plan.split_s)
         del self.split_latencies[:-1000]
 
     def finish_split(self, plan: SplitPlan) -> None:
@@ -407,7 +410,8 @@ class MirroredVolume:
                 dep.event.wait()  # type: ignore[union-attr]
         plan.gen_member.split_earlier = []
         plan.gen_member.split_done.set()
-        self.settle_latencies.append(time.monotonic() - plan.received)
+        plan.settle_s = time.monotonic() - plan.received
+        self.settle_latencies.append(plan.settle_s)
         del self.settle_latencies[:-1000]
         self.wake_resync()
 
