@@ -36,7 +36,8 @@ def chunk_runs(chunks: BitMap, max_run: int | None = None) -> Iterator[tuple[int
         yield start, prev - start + 1
 
 
-def _next_set(chunks: BitMap, start: int) -> int | None:
+def next_set(chunks: BitMap, start: int) -> int | None:
+    """The smallest chunk in ``chunks`` at or after ``start``, if any."""
     try:
         return chunks.next_set_bit(start)
     except ValueError:
@@ -59,7 +60,7 @@ def byte_extents(
             while nxt < last_chunk and nxt in chunks:
                 nxt += 1
         else:
-            following = _next_set(chunks, nxt)
+            following = next_set(chunks, nxt)
             nxt = last_chunk if following is None else min(following, last_chunk)
         stop = min(nxt * CHUNK, end)
         out.append((pos, stop - pos, changed))

@@ -22,12 +22,15 @@ from collections.abc import Callable
 class Op:
     """One admitted piece of work on [start, end)."""
 
-    __slots__ = ("seq", "start", "end", "deps", "event", "finished", "target", "kind", "cow")
+    __slots__ = ("seq", "start", "end", "parts", "deps", "event", "finished", "target", "kind",
+                 "cow")
 
-    def __init__(self, seq: int | None, start: int, end: int, deps: list[Op], kind: str) -> None:
+    def __init__(self, seq: int | None, start: int, end: int, deps: list[Op], kind: str,
+                 parts: list[tuple[int, int]] | None = None) -> None:
         self.seq = seq
-        self.start = start
+        self.start = start  # [start, end) bounds the work; ``parts``, if any, are exact
         self.end = end
+        self.parts = parts
         self.deps = deps
         self.event: threading.Event | None = None
         self.finished = False
@@ -35,6 +38,18 @@ class Op:
         self.kind = kind
         # generations to copy-before-write into, with their epochs, as of admission
         self.cow: list[tuple[object, int]] | None = None
+
+
+def _overlaps(parts: list[tuple[int, int]], start: int, end: int) -> bool:
+    """Does [start, end) overlap one of ``parts`` (disjoint, ascending)?"""
+    lo, hi = 0, len(parts)
+    while lo < hi:  # the first part ending after ``start``
+        mid = (lo + hi) // 2
+        if parts[mid][1] <= start:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo < len(parts) and parts[lo][0] < end
 
 
 class Sequencer:
@@ -59,7 +74,8 @@ class Sequencer:
     ) -> Op:
         """Queue work on [start, end); ``on_admit`` runs at its exact place in the sequence."""
         with self.lock:
-            deps = [o for o in self._inflight if o.start < end and start < o.end]
+            deps = [o for o in self._inflight if o.start < end and start < o.end
+                    and (o.parts is None or _overlaps(o.parts, start, end))]
             for dep in deps:
                 if dep.event is None:
                     dep.event = threading.Event()
@@ -72,6 +88,21 @@ class Sequencer:
             self._inflight.append(op)
             if on_admit is not None:
                 on_admit(op)
+        return op
+
+    def admit_parts(self, parts: list[tuple[int, int]], kind: str) -> Op:
+        """Queue unnumbered work on several disjoint ranges, in ascending order, as one op."""
+        with self.lock:
+            start, end = parts[0][0], parts[-1][1]
+            deps = [o for o in self._inflight if o.start < end and start < o.end
+                    and any(o.start < e and s < o.end
+                            and (o.parts is None or _overlaps(o.parts, s, e))
+                            for s, e in parts)]
+            for dep in deps:
+                if dep.event is None:
+                    dep.event = threading.Event()
+            op = Op(None, start, end, deps, kind, parts)
+            self._inflight.append(op)
         return op
 
     def admit_barrier(self, on_admit: Callable[[Op], None] | None = None) -> tuple[Op, list[Op]]:

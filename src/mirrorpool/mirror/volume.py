@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pyroaring import BitMap
 
 from mirrorpool.errors import Conflict, NotFound
-from mirrorpool.mirror.changes import CHUNK, ChangeLog, chunk_runs, chunk_span
+from mirrorpool.mirror.changes import CHUNK, ChangeLog, chunk_runs, chunk_span, next_set
 from mirrorpool.mirror.journal import Journal, SplitRecord
 from mirrorpool.mirror.pool import Member, MemberState, recycle_order
 from mirrorpool.mirror.sequencer import Op, Sequencer
@@ -270,7 +270,11 @@ class MirroredVolume:
             return
         first, stop = op.start // CHUNK, op.end // CHUNK
         for member, epoch in op.cow:
-            wanted = member.pending.intersection(BitMap(range(first, stop)))  # type: ignore[attr-defined]
+            pending: BitMap = member.pending  # type: ignore[attr-defined]
+            nxt = next_set(pending, first)
+            if nxt is None or nxt >= stop:
+                continue  # the usual case: nothing of this range is still missing
+            wanted = pending.intersection(BitMap(range(first, stop)))
             if wanted:
                 self._copy_chunks(member, wanted, epoch)  # type: ignore[arg-type]
 
@@ -548,14 +552,12 @@ class MirroredVolume:
                 # a split after admission may re-mark these chunks for writes that
                 # wait behind this copy: the epoch taken at admission tells
                 epoch = member.epoch
-                ops = [self.seq.admit(first * CHUNK, stop * CHUNK, "copy", False)
-                       for first, stop in runs]
+                op = self.seq.admit_parts([(f * CHUNK, s * CHUNK) for f, s in runs], "copy")
             chosen = BitMap()
             for first, stop in runs:
                 chosen.add_range(first, stop)
             try:
-                for op in ops:
-                    self.seq.wait(op)
+                self.seq.wait(op)
                 still = chosen & member.pending
                 if still and member.state in (MemberState.ACTIVE, MemberState.GENERATION):
                     self._copy_chunks(member, still, epoch)
@@ -566,8 +568,7 @@ class MirroredVolume:
                 log.exception("resync step failed", extra={"lu": self.name, "member": member.idx})
                 time.sleep(1.0)  # do not spin on a persistent fault
             finally:
-                for op in ops:
-                    self.seq.finish(op)  # a copy never entered the journal: only members change
+                self.seq.finish(op)  # a copy never entered the journal: only members change
             if not member.pending:
                 self._save()
 
