@@ -22,6 +22,7 @@ from mirrorpool.api.models import (
     LuInfo,
     LuResize,
     LuSettings,
+    RemoteAdd,
     RestoreRequest,
     TriggerAnswer,
     TriggerRequest,
@@ -144,6 +145,27 @@ def create_app(
         return job.as_dict()
 
     registry = make_registry(device, io_stats or IoStats())
+
+    @app.post("/v1/lus/{name}/remote", status_code=201, responses=_ERRORS)
+    def add_remote(name: str, body: RemoteAdd) -> dict:
+        return device.remotes.add(name, body.device, body.remote_name, body.remote_pool,
+                                  body.mode, body.journal_limit)
+
+    @app.get("/v1/lus/{name}/remote", responses=_ERRORS)
+    def remote_status(name: str) -> dict:
+        return device.remotes.status(name)
+
+    @app.delete("/v1/lus/{name}/remote", status_code=204, responses=_ERRORS)
+    def remove_remote(name: str) -> None:
+        device.remotes.remove(name)
+
+    @app.get("/v1/lus/{name}/remote/backups", responses=_ERRORS)
+    def remote_backups(name: str) -> list[dict]:
+        return device.remotes.generations(name)
+
+    @app.get("/v1/remotes")
+    def remotes() -> list[dict]:
+        return device.remotes.all_status()
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:

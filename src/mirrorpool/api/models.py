@@ -97,6 +97,9 @@ class GenerationAnswer(BaseModel):
                           "earlier writes they overlap)")
     settle_ms: float | None = Field(
         None, description="trigger received to every earlier write finished")
+    replicated: bool | None = Field(
+        None, description="replicated LUs only: the TRIGGER went to the remote device in its "
+                          "place in the stream (false: the remote copy was not consistent)")
 
 
 class TriggerAnswer(BaseModel):
@@ -118,3 +121,11 @@ class FaultRequest(BaseModel):
     after: int = Field(0, ge=0, description="let this many matching operations pass first")
     times: int = Field(0, ge=0, description="fire this many times (0: always)")
     delay: float = Field(0.0, ge=0, le=60)
+
+
+class RemoteAdd(BaseModel):
+    device: str = Field(description="the remote device's control API, http://HOST:PORT")
+    remote_name: str | None = Field(None, description="remote LU name (default: the same)")
+    remote_pool: int = Field(3, ge=1, le=64, description="pool size of a remote LU created now")
+    mode: str = Field("async", description="async | sync")
+    journal_limit: Size = Field(1 << 30, description="replication journal limit, bytes")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
 import click
 import typer
@@ -26,18 +27,38 @@ app = typer.Typer(cls=_ListByDefault, no_args_is_help=True,
 
 
 @app.command("list")
-def list_(name: str, api: ApiOption = DEFAULT_API, as_json: JsonOption = False) -> None:
+def list_(
+    name: str,
+    remote: Annotated[bool, typer.Option(
+        "--remote", help="show each trigger's generation here and on the remote device")] = False,
+    api: ApiOption = DEFAULT_API,
+    as_json: JsonOption = False,
+) -> None:
     """List the generations of NAME (oldest first)."""
+    if remote:
+        rows = call(api, "GET", f"/v1/lus/{name}/remote/backups")
+        if as_json:
+            print_json(rows)
+            return
+        table = Table("trigger", "label", "seq", "gen here", "state", "gen remote", "state")
+        for r in rows:
+            table.add_row(str(r.get("trigger_id") or ""), r.get("label") or "",
+                          str(r.get("seq") or ""), str(r.get("gen") or "-"),
+                          r.get("state") or "", str(r.get("remote_gen") or "-"),
+                          r.get("remote_state") or "")
+        console.print(table)
+        return
     gens = call(api, "GET", f"/v1/lus/{name}/backups")
     if as_json:
         print_json(gens)
         return
-    table = Table("gen", "seq", "label", "source", "created", "state", "pinned", "trigger")
+    table = Table("gen", "seq", "label", "source", "created", "state", "pinned", "trigger",
+                  "origin seq")
     for g in gens:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(g.get("created", 0)))
         table.add_row(str(g["gen"]), str(g.get("seq", "")), g.get("label", ""),
                       g.get("source", ""), created, g["state"], "yes" if g["pinned"] else "",
-                      g.get("trigger_id", ""))
+                      g.get("trigger_id", ""), str(g.get("origin_seq", "")))
     console.print(table)
 
 

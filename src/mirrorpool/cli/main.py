@@ -11,6 +11,7 @@ from mirrorpool.cli import (
     diff_cmd,
     export_cmd,
     lu_cmd,
+    remote_cmd,
     restore_cmd,
     serve_cmd,
     status_cmd,
@@ -29,6 +30,7 @@ status_cmd.register(app)
 app.add_typer(lu_cmd.app, name="lu")
 trigger_cmd.register(app)
 app.add_typer(backups_cmd.app, name="backups")
+app.add_typer(remote_cmd.app, name="remote")
 export_cmd.register(app)
 diff_cmd.register(app)
 restore_cmd.register(app)

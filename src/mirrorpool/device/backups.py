@@ -36,9 +36,13 @@ class BackupService:
     def generations(self, name: str) -> list[dict]:
         lu = self.device.get_lu(name)
         records = {r.gen: r for r in self.device.catalog.generations(name)}
+        origins = self.device.catalog.origins(name)
         out = []
         for member in lu.volume.live_generations():
-            out.append(generation_info(name, member, records.get(member.gen or -1)))
+            info = generation_info(name, member, records.get(member.gen or -1))
+            if member.gen in origins:
+                info["origin_seq"], info["origin_gen"] = origins[member.gen]
+            out.append(info)
         return out
 
     def status(self, lu: LogicalUnit) -> dict:

@@ -46,6 +46,24 @@ CREATE TABLE IF NOT EXISTS generation (
     changes BLOB,                   -- chunks written since the previous generation
     PRIMARY KEY (lu, gen)
 );
+CREATE TABLE IF NOT EXISTS replica (   -- this LU is replicated to a remote device
+    lu TEXT PRIMARY KEY REFERENCES lu(name) ON DELETE CASCADE,
+    device TEXT NOT NULL,           -- the remote device's control API
+    nbd TEXT NOT NULL,              -- the remote LU over NBD
+    remote TEXT NOT NULL,           -- the remote LU's name
+    mode TEXT NOT NULL,             -- async | sync
+    journal_limit INTEGER NOT NULL,
+    acked_seq INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,            -- syncing | consistent | inconsistent
+    dirty BLOB
+);
+CREATE TABLE IF NOT EXISTS remote_origin (   -- generations made by a forwarded TRIGGER
+    lu TEXT NOT NULL REFERENCES lu(name) ON DELETE CASCADE,
+    gen INTEGER NOT NULL,
+    origin_seq INTEGER NOT NULL,
+    origin_gen INTEGER,
+    PRIMARY KEY (lu, gen)
+);
 CREATE TABLE IF NOT EXISTS trigger_log (
     id TEXT PRIMARY KEY,
     lus TEXT NOT NULL,
@@ -275,6 +293,48 @@ class Catalog:
         if lu is not None:
             out = [t for t in out if lu in t["lus"].split(",")][:limit]
         return out
+
+    # ------------------------------------------------------------ replication
+
+    def replicas(self) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(
+                "SELECT lu, device, nbd, remote, mode, journal_limit, acked_seq, state, dirty"
+                " FROM replica ORDER BY lu").fetchall()
+
+    def save_replica(self, lu: str, device: str, nbd: str, remote: str, mode: str,
+                     journal_limit: int, acked_seq: int, state: str,
+                     dirty: bytes | None) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO replica (lu, device, nbd, remote, mode, journal_limit, acked_seq,"
+                " state, dirty) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(lu) DO UPDATE SET"
+                " device=excluded.device, nbd=excluded.nbd, remote=excluded.remote,"
+                " mode=excluded.mode, journal_limit=excluded.journal_limit,"
+                " acked_seq=excluded.acked_seq, state=excluded.state, dirty=excluded.dirty",
+                (lu, device, nbd, remote, mode, journal_limit, acked_seq, state, dirty))
+
+    def remove_replica(self, lu: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM replica WHERE lu=?", (lu,))
+
+    def generation_by_trigger(self, lu: str, trigger_id: str) -> GenerationRecord | None:
+        for g in self.generations(lu, include_recycled=True):
+            if g.trigger_id == trigger_id:
+                return g
+        return None
+
+    def add_origin(self, lu: str, gen: int, origin_seq: int, origin_gen: int | None) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO remote_origin VALUES (?,?,?,?)",
+                       (lu, gen, origin_seq, origin_gen))
+
+    def origins(self, lu: str) -> dict[int, tuple[int, int | None]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT gen, origin_seq, origin_gen FROM remote_origin WHERE lu=?",
+                (lu,)).fetchall()
+        return {gen: (seq, ogen) for gen, seq, ogen in rows}
 
     def get_meta(self, key: str) -> str | None:
         with self._lock:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from mirrorpool.device.backups import BackupService
 from mirrorpool.device.catalog import Catalog, LuRecord
+from mirrorpool.device.remotes import RemoteService
 from mirrorpool.device.triggers import TriggerService
 from mirrorpool.device.volumes import (
     Recovery,
@@ -85,6 +86,7 @@ class Device:
         self._lus: dict[str, LogicalUnit] = {}
         self.triggers = TriggerService(self)
         self.backups = BackupService(self)
+        self.remotes = RemoteService(self)
         self.clean_start = self.catalog.get_meta("clean") != "0"
         for record in self.catalog.lus():
             store = self._open_store(record)
@@ -93,6 +95,7 @@ class Device:
             self.recovery.append(recovery)
             self._attach_volume(volume)
             self._lus[record.name] = LogicalUnit(record, store, volume)
+        self.remotes.load({r.lu: r.divergent for r in self.recovery}, self.clean_start)
         self.catalog.set_meta("clean", "0")
         if not self.clean_start:
             for r in self.recovery:
@@ -196,6 +199,8 @@ class Device:
                     f"LU {name!r} has {len(lu.sessions)} connected client(s);"
                     " disconnect them or use --force"
                 )
+            if self.remotes.replicator(name) is not None:
+                self.remotes.remove(name)
             del self._lus[name]
             self.catalog.remove_lu(name)
         for session in list(lu.sessions):
@@ -222,6 +227,9 @@ class Device:
                     f"LU {name!r} is {lu.size} bytes; shrinking to {size} would lose data"
                     " (only growing is supported)"
                 )
+            if self.remotes.replicator(name) is not None:
+                raise Conflict(f"LU {name!r} is replicated: remove the link, grow both LUs,"
+                               " then add the link again")
             _check_size(size)
             try:
                 lu.store.resize(size)
@@ -283,6 +291,7 @@ class Device:
                 log.error("flush failed", extra={"lu": lu.name, "error": str(exc)})
 
     def close(self) -> None:
+        self.remotes.close()
         with self._lock:
             lus = list(self._lus.values())
         for lu in lus:

@@ -16,12 +16,22 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from mirrorpool.device.triggers import PendingTrigger
+from pyroaring import BitMap
+
+from mirrorpool.device.triggers import PendingTrigger, check_label
 from mirrorpool.errors import InvalidRequest, MirrorpoolError, NotFound
-from mirrorpool.mirror.changes import byte_extents
+from mirrorpool.mirror.changes import CHUNK, byte_extents
 from mirrorpool.mirror.volume import GenerationView
-from mirrorpool.nbd.constants import BASE_ALLOCATION, AllocationFlag, Cmd, CmdFlag
-from mirrorpool.store import Extent
+from mirrorpool.nbd.constants import (
+    BASE_ALLOCATION,
+    TRIGGER_CONTEXT,
+    AllocationFlag,
+    Cmd,
+    CmdFlag,
+)
+from mirrorpool.replication.journal import Kind
+from mirrorpool.replication.link import parse_forwarded
+from mirrorpool.store import Extent, StoreError
 
 if TYPE_CHECKING:
     from mirrorpool.device.device import Device, LogicalUnit
@@ -30,7 +40,6 @@ if TYPE_CHECKING:
 # A metadata context turns a range into runs for BLOCK_STATUS (None: not queryable).
 ContextSource = Callable[[int, int, int], list[Extent]] | None
 
-TRIGGER_CONTEXT = "mirrorpool:trigger"
 CHANGED_PREFIX = "mirrorpool:changed:"
 CHANGED_FLAG = 1  # block status flag in mirrorpool:changed:G: the range changed since G
 TRIGGER_LU = ".trigger"
@@ -124,33 +133,66 @@ class PrimaryExport(Export):
 
     def admit(self, cmd: Command, payload: memoryview) -> object | None:
         if cmd.type in MUTATIONS:
-            return self.volume.begin(cmd.offset, cmd.length)
+            replicator = self.device.remotes.replicator(self.name)
+            if replicator is None:
+                return self.volume.begin(cmd.offset, cmd.length)
+            kind, data = _replicated(cmd, payload)
+
+            def journal(seq: int) -> None:
+                replicator.on_mutation(kind, seq, cmd.offset, cmd.length, data)
+
+            return self.volume.begin(cmd.offset, cmd.length, journal)
         if cmd.type == Cmd.TRIGGER:
+            origin = parse_forwarded(bytes(payload))
+            if origin is not None:
+                return self.device.triggers.begin([self.name], check_label(
+                    str(origin.get("label", ""))), "link", origin)
             return self.device.triggers.begin([self.name], _label(payload), "in-band")
         return None
+
+    def _after(self, ticket: object, run: Callable[[], None]) -> None:
+        """Apply a mutation; with a replication link, keep the remote copy exact."""
+        replicator = self.device.remotes.replicator(self.name)
+        if replicator is None:
+            run()
+            return
+        try:
+            run()
+        except StoreError:
+            op = ticket
+            first, stop = op.start // CHUNK, op.end // CHUNK  # type: ignore[attr-defined]
+            replicator.diverged(BitMap(range(first, stop)))
+            raise
+        replicator.wait_remote(ticket.seq or 0)  # type: ignore[attr-defined]
 
     def read_into(self, buf: memoryview, offset: int) -> None:
         self.volume.primary.read_into(buf, offset)
 
     def write(self, ticket: object, data: memoryview, offset: int, fua: bool) -> None:
-        self.volume.write(ticket, data, offset, fua)  # type: ignore[arg-type]
+        self._after(ticket, lambda: self.volume.write(ticket, data, offset, fua))  # type: ignore[arg-type]
 
     def zero(self, ticket: object, cmd: Command) -> None:
-        self.volume.zero(
+        self._after(ticket, lambda: self.volume.zero(
             ticket, cmd.offset, cmd.length,  # type: ignore[arg-type]
             may_trim=not cmd.flags & CmdFlag.NO_HOLE,
             fast=bool(cmd.flags & CmdFlag.FAST_ZERO),
             fua=bool(cmd.flags & CmdFlag.FUA),
-        )
+        ))
 
     def trim(self, ticket: object, cmd: Command) -> None:
-        self.volume.trim(ticket, cmd.offset, cmd.length,  # type: ignore[arg-type]
-                         bool(cmd.flags & CmdFlag.FUA))
+        self._after(ticket, lambda: self.volume.trim(
+            ticket, cmd.offset, cmd.length,  # type: ignore[arg-type]
+            bool(cmd.flags & CmdFlag.FUA)))
 
     def trigger(self, ticket: object) -> dict:
         return self._answer(ticket)  # type: ignore[arg-type]
 
     def abandon(self, ticket: object) -> None:
+        replicator = self.device.remotes.replicator(self.name)
+        if replicator is not None and getattr(ticket, "kind", None) == "write":
+            op = ticket
+            # its record may already be in the replication journal: refresh the range
+            replicator.diverged(BitMap(range(op.start // CHUNK, op.end // CHUNK)))  # type: ignore[attr-defined]
         self.volume.abandon(ticket)  # type: ignore[arg-type]
 
     def flush(self) -> None:
@@ -292,6 +334,14 @@ def parse_trigger_record(raw: bytes) -> tuple[list[str], str]:
     if not names:
         raise InvalidRequest("trigger record names no LU (add a line 'lu NAME')")
     return names, label
+
+
+def _replicated(cmd: Command, payload: memoryview) -> tuple[Kind, bytes | memoryview]:
+    if cmd.type == Cmd.WRITE:
+        return Kind.WRITE, payload
+    if cmd.type == Cmd.WRITE_ZEROES:
+        return Kind.ZERO, b"" if cmd.flags & CmdFlag.NO_HOLE else b"\x01"
+    return Kind.TRIM, b""
 
 
 def _label(payload: memoryview) -> str:

@@ -63,6 +63,10 @@ class PendingTrigger:
     lus: list[LogicalUnit] = field(default_factory=list)
     plans: list[SplitPlan] = field(default_factory=list)
     recycled: dict[str, list[int]] = field(default_factory=dict)
+    # a TRIGGER forwarded by the device this LU replicates: its id, seq and generation there
+    origin: dict | None = None
+    existing: list[dict] | None = None  # the same forwarded TRIGGER again: its answers
+    replicated: dict[str, bool] = field(default_factory=dict)
 
 
 class TriggerService:
@@ -73,11 +77,27 @@ class TriggerService:
         """Split every named LU at one cut; answers the generations made, in name order."""
         return self.complete(self.begin(names, label, source))
 
-    def begin(self, names: list[str], label: str = "", source: str = "api") -> PendingTrigger:
-        """Place the TRIGGER in each LU's sequence now; never waits for I/O."""
-        pending = PendingTrigger(uuid.uuid4().hex[:16], label, source, time.time(),
-                                 time.monotonic())
+    def begin(self, names: list[str], label: str = "", source: str = "api",
+              origin: dict | None = None) -> PendingTrigger:
+        """Place the TRIGGER in each LU's sequence now; never waits for I/O.
+
+        ``origin``: a TRIGGER forwarded by a replication link, which keeps its id;
+        sent again after the link resumed, it is answered with the same generation.
+        """
+        trigger_id = str(origin["trigger_id"])[:16] if origin else uuid.uuid4().hex[:16]
+        pending = PendingTrigger(trigger_id, label, source, time.time(), time.monotonic(),
+                                 origin=origin)
         check_label(label)
+        if origin is not None and len(names) == 1:
+            done = self.device.catalog.generation_by_trigger(names[0], trigger_id)
+            if done is not None:
+                pending.existing = [{
+                    "lu": names[0], "gen": done.gen, "seq": done.seq, "trigger_id": trigger_id,
+                    "label": done.label, "source": done.source, "created": done.created,
+                    "member": done.member, "split_ms": 0.0, "settle_ms": 0.0,
+                    "duplicate": True,
+                }]
+                return pending
         if not names:
             raise InvalidRequest("a trigger must name at least one LU")
         unique = sorted(set(names))
@@ -97,6 +117,11 @@ class TriggerService:
                     plan.created = pending.received_wall
                     plan.recycled = pending.recycled[lu.name]
                     lu.volume.apply_split(plan)
+                    replicator = self.device.remotes.replicator(lu.name)
+                    if replicator is not None:
+                        assert plan.op is not None
+                        pending.replicated[lu.name] = replicator.on_trigger(
+                            plan.op.seq or 0, pending.id, label, plan.gen)
         except TriggerRefused as exc:
             self.device.catalog.log_trigger(pending.id, unique, [], source, label,
                                             pending.received_wall, "refused", str(exc))
@@ -107,6 +132,8 @@ class TriggerService:
 
     def complete(self, pending: PendingTrigger) -> list[dict]:
         """Wait for the TRIGGER to reach the head of each queue, make it durable, answer."""
+        if pending.existing is not None:
+            return pending.existing
         for plan in pending.plans:
             plan.volume.finish_split(plan)  # readable from here on
         seqs = [plan.op.seq or 0 for plan in pending.plans if plan.op is not None]
@@ -123,6 +150,11 @@ class TriggerService:
                            pending.source, pending.received_wall, pending.recycled[lu.name])
             self.device.catalog.log_trigger(pending.id, names, seqs, pending.source,
                                             pending.label, pending.received_wall, "ok")
+            if pending.origin is not None:
+                for lu, plan in zip(pending.lus, pending.plans, strict=True):
+                    self.device.catalog.add_origin(
+                        lu.name, plan.gen, int(pending.origin.get("origin_seq") or 0),
+                        pending.origin.get("origin_gen"))
         for lu, plan in zip(pending.lus, pending.plans, strict=True):
             split_committed(lu.volume, plan.gen)
         answers = []
@@ -139,6 +171,8 @@ class TriggerService:
                 "split_ms": round(plan.split_s * 1000, 3),
                 "settle_ms": round(plan.settle_s * 1000, 3),
             }
+            if lu.name in pending.replicated:
+                answer["replicated"] = pending.replicated[lu.name]
             lu.volume.last_trigger = answer
             answers.append(answer)
         log.info("trigger", extra={"trigger": pending.id, "lus": ",".join(names),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyroaring import BitMap
 
@@ -63,6 +63,7 @@ class Recovery:
     generations: int = 0
     generations_completing: int = 0
     splits_completed: int = 0
+    divergent: BitMap = field(default_factory=BitMap)  # may differ from what was journalled
 
     def as_dict(self) -> dict:
         return {
@@ -88,6 +89,8 @@ def open_volume(
     divergent, changed = journal.recover()
     divergent &= inside
     changed &= inside
+    if not clean:
+        recovery.divergent = divergent
     generations = {g.gen: g for g in catalog.generations(record.name, include_recycled=True)}
     members: list[Member] = []
     for row in catalog.members(record.name):

@@ -131,14 +131,23 @@ class MirroredVolume:
 
     # ------------------------------------------------------------ data path
 
-    def begin(self, offset: int, length: int) -> Op:
+    def begin(self, offset: int, length: int,
+              journal: Callable[[int], None] | None = None) -> Op:
         """Admit a mutation; call where the request was received whole, in order.
 
         The order is kept per whole chunk, because copy-before-write and resync
-        copy whole chunks.
+        copy whole chunks.  ``journal`` is called with the mutation's sequence
+        number at its place in the sequence (replication journals).
         """
         first, stop = chunk_span(offset, length)
-        return self.seq.admit(first * CHUNK, stop * CHUNK, "write", True, self._on_admit)
+        if journal is None:
+            return self.seq.admit(first * CHUNK, stop * CHUNK, "write", True, self._on_admit)
+
+        def on_admit(op: Op) -> None:
+            self._on_admit(op)
+            journal(op.seq or 0)
+
+        return self.seq.admit(first * CHUNK, stop * CHUNK, "write", True, on_admit)
 
     def _on_admit(self, op: Op) -> None:
         first, stop = op.start // CHUNK, op.end // CHUNK

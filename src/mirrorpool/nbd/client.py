@@ -27,6 +27,7 @@ from mirrorpool.nbd.constants import (
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
+    TRIGGER_CONTEXT,
     ClientFlag,
     Cmd,
     CmdFlag,
@@ -37,7 +38,6 @@ from mirrorpool.nbd.constants import (
     ReplyType,
 )
 
-TRIGGER_CONTEXT = "mirrorpool:trigger"
 REPLY_TYPE_TRIGGER = 0x4D50
 
 
@@ -214,6 +214,13 @@ class NbdClient:
     def flush(self) -> None:
         self._replies(self._request(Cmd.FLUSH))
 
+    def zero(self, length: int, offset: int, may_trim: bool = False) -> None:
+        flags = 0 if may_trim else CmdFlag.NO_HOLE
+        self._replies(self._request(Cmd.WRITE_ZEROES, offset, length, flags))
+
+    def trim(self, length: int, offset: int) -> None:
+        self._replies(self._request(Cmd.TRIM, offset, length))
+
     def block_status(self, length: int, offset: int) -> dict[str, list[tuple[int, int]]]:
         cookie = self._request(Cmd.BLOCK_STATUS, offset, length)
         out: dict[str, list[tuple[int, int]]] = {}
@@ -228,7 +235,12 @@ class NbdClient:
         """The in-band TRIGGER: ordered after every write this connection sent before it."""
         if not self.can_trigger:
             raise NbdError(f"the server did not agree to {TRIGGER_CONTEXT}")
-        payload = label.encode()
+        return self.trigger_raw(label.encode())
+
+    def trigger_raw(self, payload: bytes) -> dict:
+        """The in-band TRIGGER with a payload as is (a label, or a forwarded trigger)."""
+        if not self.can_trigger:
+            raise NbdError(f"the server did not agree to {TRIGGER_CONTEXT}")
         cookie = self._request(Cmd.TRIGGER, 0, len(payload), 0, payload)
         for typ, body in self._replies(cookie):
             if typ == REPLY_TYPE_TRIGGER:

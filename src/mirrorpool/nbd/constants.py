@@ -129,3 +129,5 @@ class AllocationFlag(IntFlag):
 
 
 BASE_ALLOCATION = "base:allocation"
+# the in-band TRIGGER extension is negotiated as this metadata context
+TRIGGER_CONTEXT = "mirrorpool:trigger"

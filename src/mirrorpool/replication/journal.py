@@ -1,0 +1,222 @@
+"""The replication journal of a primary: its mutations and TRIGGERs, in sequence order.
+
+A record is appended when the sequencer numbers the mutation (under its lock),
+so the file order is the sequence order the remote device must apply.  Records
+leave once the remote device has them on stable storage (``trim``).  The file
+is a run of segments; each record carries a CRC, so a record torn by a crash
+ends the journal instead of being sent.
+
+Layout of a record: header ``>4sBxxxQQQI`` (magic, kind, seq, offset, length,
+payload length), the payload, then a CRC-32 of both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import IntEnum
+
+MAGIC = b"MPRJ"
+_HEAD = struct.Struct(">4sBxxxQQQI")
+_CRC = struct.Struct(">I")
+SEGMENT_BYTES = 64 << 20
+
+
+class Kind(IntEnum):
+    WRITE = 1
+    ZERO = 2  # offset, length; payload: b"\x01" if the range may be trimmed
+    TRIM = 3
+    TRIGGER = 4  # payload: JSON of the trigger (id, label, generation)
+    REFRESH = 5  # offset, length: send the primary's current data for the range
+
+
+class JournalFull(Exception):
+    """The journal limit is reached: the remote copy falls back to changed-block tracking."""
+
+
+@dataclass(frozen=True)
+class Record:
+    kind: Kind
+    seq: int
+    offset: int
+    length: int
+    payload: bytes = b""
+
+    def encode(self) -> bytes:
+        head = _HEAD.pack(MAGIC, self.kind, self.seq, self.offset, self.length,
+                          len(self.payload))
+        body = head + self.payload
+        return body + _CRC.pack(zlib.crc32(body))
+
+    @property
+    def size(self) -> int:
+        return _HEAD.size + len(self.payload) + _CRC.size
+
+
+def _segment_name(index: int) -> str:
+    return f"{index:08d}.seg"
+
+
+class ReplicationJournal:
+    def __init__(self, directory: str, limit: int) -> None:
+        self.directory = directory
+        self.limit = limit
+        os.makedirs(directory, exist_ok=True)
+        self._lock = threading.Lock()
+        self._appended = threading.Condition(self._lock)
+        # segment index -> (bytes, last seq)
+        self._segments: dict[int, tuple[int, int]] = {}
+        self._fd = -1
+        self._current = 0
+        self.last_seq = 0
+        self._recover()
+
+    # ------------------------------------------------------------ files
+
+    def _path(self, index: int) -> str:
+        return os.path.join(self.directory, _segment_name(index))
+
+    def _recover(self) -> None:
+        indexes = sorted(int(n[:-4]) for n in os.listdir(self.directory)
+                         if n.endswith(".seg") and n[:-4].isdigit())
+        for index in indexes:
+            good, last = 0, 0
+            for record, end in self._scan(index):
+                good, last = end, record.seq
+            if os.path.getsize(self._path(index)) != good:
+                os.truncate(self._path(index), good)  # a torn tail: never sent
+            self._segments[index] = (good, last)
+            self.last_seq = max(self.last_seq, last)
+        self._current = indexes[-1] if indexes else 0
+        self._open(self._current)
+
+    def _open(self, index: int) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = os.open(self._path(index), os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                           | os.O_CLOEXEC, 0o600)
+        self._current = index
+        self._segments.setdefault(index, (0, 0))
+
+    def _scan(self, index: int, start: int = 0) -> Iterator[tuple[Record, int]]:
+        """Records of one segment from byte ``start``, each with the offset after it."""
+        try:
+            f = open(self._path(index), "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            return
+        with f:
+            f.seek(start)
+            pos = start
+            while True:
+                head = f.read(_HEAD.size)
+                if len(head) < _HEAD.size:
+                    return
+                magic, kind, seq, offset, length, plen = _HEAD.unpack(head)
+                if magic != MAGIC or kind not in Kind._value2member_map_:
+                    return
+                payload = f.read(plen)
+                crc = f.read(_CRC.size)
+                if len(payload) < plen or len(crc) < _CRC.size:
+                    return
+                if _CRC.unpack(crc)[0] != zlib.crc32(head + payload):
+                    return
+                pos += _HEAD.size + plen + _CRC.size
+                yield Record(Kind(kind), seq, offset, length, payload), pos
+
+    # ------------------------------------------------------------ writing
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return sum(size for size, _ in self._segments.values())
+
+    def append(self, record: Record) -> None:
+        """Append in sequence order (the caller holds the sequencer lock)."""
+        data = record.encode()
+        with self._lock:
+            used = sum(size for size, _ in self._segments.values())
+            if used + len(data) > self.limit:
+                raise JournalFull(f"replication journal full ({used} of {self.limit} bytes)")
+            size, _ = self._segments[self._current]
+            if size and size + len(data) > SEGMENT_BYTES:
+                self._open(self._current + 1)
+                size = 0
+            os.write(self._fd, data)
+            self._segments[self._current] = (size + len(data), record.seq)
+            self.last_seq = record.seq
+            self._appended.notify_all()
+
+    def sync(self) -> None:
+        with self._lock:
+            fd = self._fd
+        os.fdatasync(fd)
+
+    def wait_for(self, after_seq: int, timeout: float) -> bool:
+        """Wait until a record numbered above ``after_seq`` is in the journal."""
+        with self._lock:
+            return self._appended.wait_for(lambda: self.last_seq > after_seq, timeout)
+
+    # ------------------------------------------------------------ reading and trimming
+
+    def records_after(
+        self, seq: int, cursor: tuple[int, int] | None = None,
+    ) -> Iterator[tuple[Record, tuple[int, int]]]:
+        """Records numbered above ``seq`` in order, each with the cursor just past it.
+
+        A cursor from an earlier call resumes there instead of scanning from the start.
+        """
+        with self._lock:
+            indexes = sorted(i for i, (size, last) in self._segments.items()
+                             if size and last > seq)
+        for index in indexes:
+            start = 0
+            if cursor is not None:
+                if index < cursor[0]:
+                    continue
+                if index == cursor[0]:
+                    start = cursor[1]
+            for record, end in self._scan(index, start):
+                if record.seq > seq:
+                    yield record, (index, end)
+
+    def trim(self, upto_seq: int) -> bool:
+        """The remote device has every record up to ``upto_seq`` on stable storage.
+
+        Returns True when the journal became empty (cursors into it are void).
+        """
+        with self._lock:
+            done = [i for i, (size, last) in self._segments.items()
+                    if i != self._current and last <= upto_seq]
+            for index in done:
+                del self._segments[index]
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path(index))
+            size, last = self._segments[self._current]
+            if size and last <= upto_seq and len(self._segments) == 1:
+                # everything was sent: the current segment starts again
+                os.ftruncate(self._fd, 0)
+                self._segments[self._current] = (0, 0)
+                return True
+            return False
+
+    def reset(self) -> None:
+        """Forget every record (the remote copy is resynced from changed-block tracking)."""
+        with self._lock:
+            for index in list(self._segments):
+                if index != self._current:
+                    del self._segments[index]
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self._path(index))
+            os.ftruncate(self._fd, 0)
+            self._segments[self._current] = (0, 0)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1

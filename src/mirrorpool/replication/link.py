@@ -1,0 +1,372 @@
+"""Replication of one primary to a remote primary backup LU on another device.
+
+The link is an NBD connection to the remote device, with the in-band TRIGGER
+extension: this device is an ordinary NBD client of the remote one, which needs
+no second code path.  Two ways to feed it:
+
+* **journaling** (state ``consistent``): every mutation and every TRIGGER is
+  appended to the replication journal when the sequencer numbers it, and the
+  sender replays the journal in that order, so the remote device applies one
+  ordered stream and splits its pool at the same cut.
+* **refreshing** (states ``syncing`` and ``inconsistent``): mutations only mark
+  chunks dirty and the sender copies those chunks' current data, each read
+  ordered by the sequencer.  No remote generation is made meanwhile; triggers
+  are answered locally and reported as not replicated.  Once nothing is dirty,
+  journaling resumes at one point of the sequence.
+
+The journal falls back to refreshing when it is full; the remote copy is then
+``inconsistent`` until the refresh completes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pyroaring import BitMap
+
+from mirrorpool.mirror.changes import CHUNK, chunk_span
+from mirrorpool.mirror.volume import MirroredVolume
+from mirrorpool.nbd.client import NbdClient, NbdError
+from mirrorpool.nbd.constants import TRIGGER_CONTEXT
+from mirrorpool.replication.journal import JournalFull, Kind, Record, ReplicationJournal
+
+log = logging.getLogger("mirrorpool.replication")
+
+CONSISTENT = "consistent"
+SYNCING = "syncing"
+INCONSISTENT = "inconsistent"
+REFRESH_RUN = 256  # chunks per refresh step (1 MiB)
+FLUSH_EVERY = 0.05  # seconds between flushes of the remote copy (and journal trims)
+SAVE_EVERY = 1.0  # seconds between saves of the acknowledged position in the catalog
+# In-band TRIGGER payload of a forwarded trigger: NUL, then JSON (labels never hold NUL).
+FORWARDED = b"\0"
+
+
+@dataclass
+class RemoteConfig:
+    lu: str
+    device: str  # the remote device's control API
+    nbd: str  # the remote LU over NBD
+    remote: str  # the remote LU's name
+    mode: str = "async"
+    limit: int = 1 << 30
+    sync_timeout: float = 5.0
+    acked_seq: int = 0
+    state: str = SYNCING
+    dirty: BitMap = field(default_factory=BitMap)
+
+
+def forwarded_payload(trigger_id: str, label: str, seq: int, gen: int) -> bytes:
+    return FORWARDED + json.dumps({"trigger_id": trigger_id, "label": label,
+                                   "origin_seq": seq, "origin_gen": gen}).encode()
+
+
+def parse_forwarded(payload: bytes) -> dict | None:
+    if not payload.startswith(FORWARDED):
+        return None
+    try:
+        doc = json.loads(payload[1:].decode())
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("trigger_id"), str) else None
+
+
+class Replicator:
+    def __init__(self, config: RemoteConfig, volume: MirroredVolume, journal: ReplicationJournal,
+                 save: Callable[[Replicator], None]) -> None:
+        self.config = config
+        self.volume = volume
+        self.journal = journal
+        self._save = save
+        self.state = config.state
+        self.dirty = config.dirty
+        self.acked_seq = config.acked_seq  # on the remote device's stable storage
+        self.replied_seq = config.acked_seq  # answered by the remote device
+        self.connected = False
+        self.degraded = False  # sync mode gave up waiting: writes go on as in async mode
+        self.last_error = ""
+        self.last_remote_trigger: dict | None = None
+        self.not_replicated = 0  # triggers answered locally while the copy was not consistent
+        self.sent_bytes = 0
+        self._overflow = False
+        self._oldest_unsent: float | None = None
+        self._replied = threading.Condition()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"replicate-{config.lu}",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        with self._replied:
+            self._replied.notify_all()
+        self._thread.join(10)
+
+    # ------------------------------------------------------------ data path (sequencer lock held)
+
+    def on_mutation(self, kind: Kind, seq: int, offset: int, length: int,
+                    payload: bytes | memoryview = b"") -> None:
+        if self.state == CONSISTENT:
+            try:
+                self.journal.append(Record(kind, seq, offset, length, bytes(payload)))
+                if self._oldest_unsent is None:
+                    self._oldest_unsent = time.monotonic()
+                self._wake.set()
+                return
+            except JournalFull as exc:
+                log.warning("replication falls back to changed-block tracking",
+                            extra={"lu": self.config.lu, "why": str(exc)})
+                self.state = INCONSISTENT
+                self._overflow = True
+        first, stop = chunk_span(offset, length)
+        self.dirty.add_range(first, stop)
+        self._wake.set()
+
+    def on_trigger(self, seq: int, trigger_id: str, label: str, gen: int) -> bool:
+        """Forward a TRIGGER in its place; False: it is not replicated (copy not consistent)."""
+        if self.state != CONSISTENT:
+            self.not_replicated += 1
+            return False
+        try:
+            self.journal.append(Record(Kind.TRIGGER, seq, 0, 0,
+                                       forwarded_payload(trigger_id, label, seq, gen)))
+        except JournalFull:
+            self.state = INCONSISTENT
+            self._overflow = True
+            self.not_replicated += 1
+            return False
+        self._wake.set()
+        return True
+
+    def diverged(self, chunks: BitMap) -> None:
+        """These chunks may differ from what the journal says (a crash, a failed write)."""
+        with self.volume.seq.lock:
+            if self.state == CONSISTENT:
+                self.state = INCONSISTENT
+                self._overflow = True  # what the journal still holds is refreshed instead
+            self.dirty |= chunks
+        self._wake.set()
+
+    def wait_remote(self, seq: int) -> None:
+        """Sync mode: return once the remote device answered the mutation ``seq``."""
+        if self.config.mode != "sync" or self.state != CONSISTENT or self.degraded:
+            return
+        with self._replied:
+            ok = self._replied.wait_for(
+                lambda: self.replied_seq >= seq or self._stopping or self.state != CONSISTENT,
+                self.config.sync_timeout)
+        if not ok:
+            self.degraded = True
+            log.warning("sync replication degraded: the remote device did not answer in time",
+                        extra={"lu": self.config.lu, "timeout_s": self.config.sync_timeout})
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> dict:
+        last = self.volume.seq.last_seq
+        lag_seq = max(0, self.journal.last_seq - self.replied_seq) if self.state == CONSISTENT \
+            else None
+        oldest = self._oldest_unsent
+        return {
+            "lu": self.config.lu,
+            "device": self.config.device,
+            "remote": self.config.remote,
+            "nbd": self.config.nbd,
+            "mode": self.config.mode,
+            "state": self.state,
+            "connected": self.connected,
+            "degraded": self.degraded,
+            "last_seq": last,
+            "replied_seq": self.replied_seq,
+            "acked_seq": self.acked_seq,
+            "lag_seq": lag_seq,
+            "lag_bytes": self.journal.used,
+            "lag_seconds": round(time.monotonic() - oldest, 3) if oldest else 0.0,
+            "journal_used": self.journal.used,
+            "journal_limit": self.config.limit,
+            "dirty_bytes": len(self.dirty) * CHUNK,
+            "sent_bytes": self.sent_bytes,
+            "triggers_not_replicated": self.not_replicated,
+            "last_remote_trigger": self.last_remote_trigger,
+            "last_error": self.last_error,
+        }
+
+    def caught_up(self) -> bool:
+        return (self.state == CONSISTENT and self.replied_seq >= self.journal.last_seq
+                and self.acked_seq >= self.journal.last_seq)
+
+    # ------------------------------------------------------------ sender
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stopping:
+            client = None
+            try:
+                client = NbdClient(self.config.nbd, contexts=(TRIGGER_CONTEXT,), timeout=30)
+                if not client.can_trigger:
+                    raise NbdError("the remote device does not offer the TRIGGER extension")
+                if client.size != self.volume.size:
+                    raise NbdError(f"remote LU is {client.size} bytes, this one "
+                                   f"{self.volume.size}: refusing to replicate")
+                self.connected = True
+                self.last_error = ""
+                backoff = 0.1
+                self._serve(client)
+            except (OSError, NbdError) as exc:
+                if not self._stopping:
+                    self.last_error = str(exc)
+                    log.warning("replication link down", extra={"lu": self.config.lu,
+                                                                 "error": str(exc)})
+            finally:
+                self.connected = False
+                if client is not None:
+                    client.sock.close()
+            if self._stopping:
+                return
+            self._wake.wait(backoff)
+            self._wake.clear()
+            backoff = min(backoff * 2, 2.0)
+
+    def _serve(self, client: NbdClient) -> None:
+        # resume after what the remote device holds on stable storage
+        self.replied_seq = self.acked_seq
+        cursor: tuple[int, int] | None = None
+        last_flush = last_save = time.monotonic()
+        while not self._stopping:
+            if self.state != CONSISTENT:
+                self._refresh(client)
+                cursor = None
+                continue
+            sent_any = False
+            for record, after in self.journal.records_after(self.replied_seq, cursor):
+                self._send(client, record)
+                cursor = after
+                sent_any = True
+                if self._stopping or self.state != CONSISTENT:
+                    break
+                if time.monotonic() - last_flush > FLUSH_EVERY:
+                    break
+            if self.replied_seq > self.acked_seq and (
+                    not sent_any or time.monotonic() - last_flush > FLUSH_EVERY):
+                client.flush()
+                self.acked_seq = self.replied_seq
+                if self.journal.trim(self.acked_seq):
+                    cursor = None
+                    self._oldest_unsent = None
+                last_flush = time.monotonic()
+                if last_flush - last_save > SAVE_EVERY:
+                    # resuming from an older position only sends records again
+                    self._save(self)
+                    last_save = last_flush
+            if self.degraded and self.replied_seq >= self.journal.last_seq:
+                self.degraded = False  # caught up: sync mode waits for the remote again
+            if not sent_any:
+                self._wake.wait(FLUSH_EVERY)
+                self._wake.clear()
+
+    def _send(self, client: NbdClient, record: Record) -> None:
+        if record.kind == Kind.WRITE:
+            client.pwrite(record.payload, record.offset)
+        elif record.kind == Kind.ZERO:
+            client.zero(record.length, record.offset, may_trim=record.payload == b"\x01")
+        elif record.kind == Kind.TRIM:
+            client.trim(record.length, record.offset)
+        elif record.kind == Kind.TRIGGER:
+            doc = parse_forwarded(record.payload) or {}
+            self.last_remote_trigger = {
+                "trigger_id": doc.get("trigger_id"), "seq": record.seq,
+                "gen": doc.get("origin_gen"), "at": time.time(),
+            }
+            try:
+                answer = client.trigger_raw(record.payload)
+            except NbdError as exc:
+                if not exc.code:
+                    raise  # the link failed: send it again once it is back
+                # the remote device refused the split (e.g. every member pinned): the
+                # stream goes on, and the refusal is reported
+                self.last_remote_trigger["refused"] = str(exc)
+                log.warning("remote device refused a forwarded trigger",
+                            extra={"lu": self.config.lu, "why": str(exc)})
+            else:
+                gen = (answer.get("generations") or [{}])[0]
+                self.last_remote_trigger.update(remote_gen=gen.get("gen"),
+                                                remote_seq=gen.get("seq"))
+        self.sent_bytes += record.length if record.kind == Kind.WRITE else 0
+        with self._replied:
+            self.replied_seq = record.seq
+            self._replied.notify_all()
+
+    def _refresh(self, client: NbdClient) -> None:
+        """Copy the dirty chunks' current data, then go back to journaling."""
+        volume = self.volume
+        if self._overflow:
+            # what the journal held and did not reach the remote device, as chunks
+            for record, _ in self.journal.records_after(self.acked_seq):
+                if record.kind in (Kind.WRITE, Kind.ZERO, Kind.TRIM):
+                    first, stop = chunk_span(record.offset, record.length)
+                    with volume.seq.lock:
+                        self.dirty.add_range(first, stop)
+            self.journal.reset()
+            self._overflow = False
+            self._oldest_unsent = None
+        while not self._stopping:
+            with volume.seq.lock:
+                empty = not self.dirty
+            if empty:
+                client.flush()  # what was sent is on the remote device's stable storage
+                with volume.seq.lock:
+                    if self._overflow:
+                        return  # the journal filled again meanwhile: start over
+                    if not self.dirty:
+                        # from here on, every mutation goes to the journal
+                        self.state = CONSISTENT
+                        self.degraded = False
+                        self.acked_seq = self.replied_seq = volume.seq.last_seq
+                        self.journal.reset()
+                        break
+                continue
+            with volume.seq.lock:
+                first = self.dirty.min()
+                stop = first + 1
+                while stop < first + REFRESH_RUN and stop in self.dirty:
+                    stop += 1
+                op = volume.seq.admit(first * CHUNK, stop * CHUNK, "replica-read", False)
+                self.dirty.remove_range(first, stop)
+            try:
+                volume.seq.wait(op)
+                start = first * CHUNK
+                length = min(stop * CHUNK, volume.size) - start
+                buf = bytearray(length)
+                volume.primary.read_into(memoryview(buf), start)
+            except BaseException:
+                with volume.seq.lock:
+                    self.dirty.add_range(first, stop)
+                raise
+            finally:
+                volume.seq.finish(op)
+            try:
+                if buf.count(0) == length:
+                    client.zero(length, start, may_trim=True)
+                else:
+                    client.pwrite(buf, start)
+            except BaseException:
+                with volume.seq.lock:
+                    self.dirty.add_range(first, stop)
+                raise
+            self.sent_bytes += length
+        if self._stopping:
+            return
+        with self._replied:
+            self._replied.notify_all()
+        self._save(self)
+        log.info("remote copy consistent", extra={"lu": self.config.lu,
+                                                  "remote": self.config.remote})

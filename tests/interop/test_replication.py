@@ -1,0 +1,178 @@
+"""Replication of an LU to a second device: same cut on both sides (invariant 6).
+
+Two real device processes on loopback.  Device A replicates LU ``r`` to device B
+over NBD with the in-band TRIGGER extension; qemu-io writes on A, triggers come
+through A's API, and every generation B made for a trigger must equal A's
+generation for that trigger byte for byte (qemu-img compare).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.processes import DeviceProcess
+from tests.mirror_support import (
+    MiB,
+    api,
+    api_trigger,
+    assert_identical,
+    lu_path,
+    qemu_io,
+    wait_until,
+)
+
+SIZE = 8 * MiB
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[DeviceProcess, DeviceProcess]]:
+    a = DeviceProcess(data_dir=tmp_path / "a").start()
+    b = DeviceProcess(data_dir=tmp_path / "b").start()
+    yield a, b
+    for dev in (a, b):
+        if dev.proc is not None and dev.proc.poll() is None:
+            dev.stop()
+
+
+def link_status(a: DeviceProcess, name: str) -> dict:
+    return api(a, "GET", f"{lu_path(name)}/remote")  # type: ignore[return-value]
+
+
+def wait_caught_up(a: DeviceProcess, name: str, timeout: float = 30) -> dict:
+    def done() -> bool:
+        s = link_status(a, name)
+        return (s["state"] == "consistent" and s["connected"] and s["lag_seq"] == 0
+                and s["acked_seq"] >= s["replied_seq"] and s["journal_used"] == 0)
+
+    wait_until(done, timeout, "the remote copy to catch up")
+    return link_status(a, name)
+
+
+def remote_gens(a: DeviceProcess, name: str) -> list[dict]:
+    return api(a, "GET", f"{lu_path(name)}/remote/backups")  # type: ignore[return-value]
+
+
+def assert_same_cut(a: DeviceProcess, b: DeviceProcess, name: str) -> int:
+    """Every trigger with a generation on both sides: both read the same."""
+    pairs = [(r["gen"], r["remote_gen"]) for r in remote_gens(a, name)
+             if r["gen"] is not None and r["remote_gen"] is not None]
+    for gen, remote_gen in pairs:
+        assert_identical(a.uri(f"{name}@{gen}"), b.uri(f"{name}@{remote_gen}"))
+    return len(pairs)
+
+
+def add_link(a: DeviceProcess, b: DeviceProcess, name: str, *extra: str) -> None:
+    a.cli("remote", "add", name, "--device", b.api, "--remote-pool", "2", *extra)
+
+
+def test_async_link_splits_the_remote_pool_at_the_same_points(
+    pair: tuple[DeviceProcess, DeviceProcess],
+) -> None:
+    a, b = pair
+    api(a, "POST", "/v1/lus", {"name": "r", "size": SIZE, "pool": 2}, expect=201)
+    qemu_io(a.uri("r"), "write -P 0x11 0 1M", "write -P 0x12 4M 64k")
+    add_link(a, b, "r")  # B's LU is created, then copied in full
+    wait_caught_up(a, "r")
+    assert_identical(a.uri("r"), b.uri("r"))
+
+    answers = []
+    for i in range(4):
+        qemu_io(a.uri("r"), f"write -P {0x20 + i} {i * 512}k 192k",
+                f"write -z {6 * MiB + i * 4096} 4k")
+        answers.append(api_trigger(a, "r", f"t{i}"))
+        assert answers[-1]["replicated"] is True
+    qemu_io(a.uri("r"), "write -P 0x77 0 4k")  # after the last trigger: in no generation
+    wait_caught_up(a, "r")
+    rows = {r["trigger_id"]: r for r in remote_gens(a, "r")}
+    # a pool of 2 keeps one generation on each side: the newest, made by the last trigger
+    row = rows[answers[-1]["trigger_id"]]
+    assert row["gen"] == answers[-1]["gen"] and row["remote_gen"] is not None, rows
+    # B records A's trigger id and sequence number with its generation
+    b_gens = {g["trigger_id"]: g for g in api(b, "GET", f"{lu_path('r')}/backups")}
+    for answer in answers:
+        theirs = b_gens.get(answer["trigger_id"])
+        if theirs is not None:  # still in B's pool (pool 2 keeps the newest)
+            assert theirs["origin_seq"] == answer["seq"]
+            assert theirs["source"] == "link"
+    assert assert_same_cut(a, b, "r") >= 1
+    assert_identical(a.uri("r"), b.uri("r"))
+    out = a.cli("backups", "r", "--remote").stdout
+    assert answers[-1]["trigger_id"] in out
+
+
+def test_sync_link_has_each_write_on_the_remote_device_when_acknowledged(
+    pair: tuple[DeviceProcess, DeviceProcess],
+) -> None:
+    a, b = pair
+    api(a, "POST", "/v1/lus", {"name": "s", "size": SIZE, "pool": 1}, expect=201)
+    add_link(a, b, "s", "--mode", "sync")
+    wait_caught_up(a, "s")
+    for i in range(5):
+        qemu_io(a.uri("s"), f"write -P {0x40 + i} {i * MiB} 64k")
+        # acknowledged to qemu-io: already on B, with no wait
+        qemu_io(b.uri("s"), f"read -P {0x40 + i} {i * MiB} 64k")
+    status = link_status(a, "s")
+    assert status["mode"] == "sync" and not status["degraded"]
+
+
+def test_link_resumes_after_the_remote_device_restarts(
+    pair: tuple[DeviceProcess, DeviceProcess],
+) -> None:
+    a, b = pair
+    api(a, "POST", "/v1/lus", {"name": "c", "size": SIZE, "pool": 2}, expect=201)
+    add_link(a, b, "c")
+    wait_caught_up(a, "c")
+    b.stop(signal.SIGKILL)
+    # B is gone: A goes on journaling, hosts never wait
+    qemu_io(a.uri("c"), "write -P 0x51 0 256k", "write -P 0x52 2M 256k")
+    first = api_trigger(a, "c", "while-b-down")
+    qemu_io(a.uri("c"), "write -P 0x53 1M 128k")
+    status = link_status(a, "c")
+    assert not status["connected"]
+    assert status["lag_seq"] > 0 and status["journal_used"] > 0
+    b.start()
+    wait_caught_up(a, "c")
+    rows = {r["trigger_id"]: r for r in remote_gens(a, "c")}
+    assert rows[first["trigger_id"]]["remote_gen"] is not None
+    assert assert_same_cut(a, b, "c") >= 1
+    assert_identical(a.uri("c"), b.uri("c"))
+
+
+def test_full_journal_falls_back_to_refreshing_and_becomes_consistent_again(
+    pair: tuple[DeviceProcess, DeviceProcess],
+) -> None:
+    a, b = pair
+    api(a, "POST", "/v1/lus", {"name": "f", "size": SIZE, "pool": 1}, expect=201)
+    add_link(a, b, "f", "--journal-limit", "1M")
+    wait_caught_up(a, "f")
+    b.stop(signal.SIGKILL)
+    qemu_io(a.uri("f"), "write -P 0x61 0 2M")  # more than the journal holds
+    status = link_status(a, "f")
+    assert status["state"] == "inconsistent"
+    answer = api_trigger(a, "f", "not-replicated")
+    assert answer["replicated"] is False
+    b.start()
+    wait_caught_up(a, "f")
+    assert_identical(a.uri("f"), b.uri("f"))
+    assert link_status(a, "f")["triggers_not_replicated"] == 1
+
+
+def test_a_link_to_an_lu_of_another_size_is_refused(
+    pair: tuple[DeviceProcess, DeviceProcess],
+) -> None:
+    a, b = pair
+    api(a, "POST", "/v1/lus", {"name": "m", "size": SIZE, "pool": 1}, expect=201)
+    api(b, "POST", "/v1/lus", {"name": "m", "size": 2 * SIZE, "pool": 1}, expect=201)
+    result = a.cli("remote", "add", "m", "--device", b.api, check=False)
+    assert result.returncode == 1
+    assert "sizes must match" in result.stderr
+    result = a.cli("remote", "add", "m", "--device", "http://127.0.0.1:1", check=False)
+    assert result.returncode == 1 and "cannot reach the remote device" in result.stderr
+    result = a.cli("remote", "add", "m", "--device", b.api, "--mode", "sometimes",
+                   check=False)
+    assert result.returncode == 1 and "mode must be one of" in result.stderr
+    assert api(a, "GET", "/v1/remotes") == []

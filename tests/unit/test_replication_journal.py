@@ -1,0 +1,109 @@
+"""The replication journal: ordered, bounded, trimmed, and safe against a torn tail."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mirrorpool.replication import journal as rj
+from mirrorpool.replication.journal import JournalFull, Kind, Record, ReplicationJournal
+from mirrorpool.replication.link import forwarded_payload, parse_forwarded
+
+
+def _write(seq: int, size: int = 100) -> Record:
+    return Record(Kind.WRITE, seq, seq * 4096, size, bytes([seq % 256]) * size)
+
+
+def test_records_come_back_in_order_and_survive_a_reopen(tmp_path: Path) -> None:
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    for seq in range(1, 6):
+        j.append(_write(seq))
+    j.append(Record(Kind.TRIGGER, 6, 0, 0, forwarded_payload("t1", "x", 6, 2)))
+    j.close()
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    records = [r for r, _ in j.records_after(2)]
+    assert [r.seq for r in records] == [3, 4, 5, 6]
+    assert records[0] == _write(3)
+    assert parse_forwarded(records[-1].payload) == {
+        "trigger_id": "t1", "label": "x", "origin_seq": 6, "origin_gen": 2}
+    assert j.last_seq == 6
+    j.close()
+
+
+def test_a_cursor_resumes_where_the_last_read_stopped(tmp_path: Path) -> None:
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    for seq in range(1, 4):
+        j.append(_write(seq))
+    cursor = list(j.records_after(0))[-1][1]
+    j.append(_write(4))
+    assert [r.seq for r, _ in j.records_after(3, cursor)] == [4]
+    j.close()
+
+
+def test_a_torn_record_ends_the_journal(tmp_path: Path) -> None:
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    for seq in range(1, 4):
+        j.append(_write(seq))
+    j.close()
+    (segment,) = [p for p in tmp_path.iterdir() if p.suffix == ".seg"]
+    with open(segment, "r+b") as f:
+        f.truncate(segment.stat().st_size - 7)  # the crash cut the last record short
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    assert [r.seq for r, _ in j.records_after(0)] == [1, 2]
+    j.append(_write(3))  # appends after the good records, not after the torn bytes
+    assert [r.seq for r, _ in j.records_after(0)] == [1, 2, 3]
+    j.close()
+
+
+def test_a_corrupt_record_is_never_sent(tmp_path: Path) -> None:
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    for seq in range(1, 4):
+        j.append(_write(seq))
+    j.close()
+    (segment,) = [p for p in tmp_path.iterdir() if p.suffix == ".seg"]
+    size = _write(1).size
+    with open(segment, "r+b") as f:
+        f.seek(size + 40)  # inside record 2's payload
+        f.write(b"\xff")
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    assert [r.seq for r, _ in j.records_after(0)] == [1]
+    j.close()
+
+
+def test_the_limit_is_kept_and_trim_frees_space(tmp_path: Path) -> None:
+    size = _write(1, 1000).size
+    j = ReplicationJournal(str(tmp_path), 3 * size)
+    for seq in range(1, 4):
+        j.append(_write(seq, 1000))
+    with pytest.raises(JournalFull):
+        j.append(_write(4, 1000))
+    assert j.trim(3) is True  # everything sent: the journal is empty again
+    assert j.used == 0
+    j.append(_write(4, 1000))
+    assert [r.seq for r, _ in j.records_after(0)] == [4]
+    j.close()
+
+
+def test_segments_roll_over_and_go_once_sent(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(rj, "SEGMENT_BYTES", 3 * _write(1).size)
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    for seq in range(1, 10):
+        j.append(_write(seq))
+    assert len([p for p in os.listdir(tmp_path) if p.endswith(".seg")]) == 3
+    assert j.trim(4) is False  # the first segment (1-3) goes; 4 shares the second
+    assert [r.seq for r, _ in j.records_after(4)] == [5, 6, 7, 8, 9]
+    assert len([p for p in os.listdir(tmp_path) if p.endswith(".seg")]) == 2
+    j.close()
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    assert [r.seq for r, _ in j.records_after(0)] == [4, 5, 6, 7, 8, 9]
+    j.append(_write(10))
+    assert j.last_seq == 10
+    j.close()
+
+
+def test_labels_never_pass_for_forwarded_triggers() -> None:
+    assert parse_forwarded(b"nightly") is None
+    assert parse_forwarded(b"\0not json") is None
+    assert parse_forwarded(b'\0{"label": "x"}') is None  # no trigger id
