@@ -56,7 +56,7 @@ class RemoteService:
             replicator = self._make(lu, config)
             if not clean:
                 if state == CONSISTENT:
-                    replicator.diverged(divergent.get(lu_name, BitMap()))
+                    replicator.after_crash(divergent.get(lu_name, BitMap()))
                 else:
                     # changes made while the copy was being refreshed are not all on file
                     replicator.dirty |= self._allocated(lu)

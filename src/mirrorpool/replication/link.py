@@ -94,6 +94,10 @@ class Replicator:
         self.not_replicated = 0  # triggers answered locally while the copy was not consistent
         self.sent_bytes = 0
         self._overflow = False
+        # after a crash of this device: chunks that may differ from the journal, to be
+        # copied again once the journal has been sent up to ``_replay_until``
+        self._after_replay: BitMap | None = None
+        self._replay_until = 0
         self._oldest_unsent: float | None = None
         self._replied = threading.Condition()
         self._wake = threading.Event()
@@ -155,6 +159,20 @@ class Replicator:
                 self._overflow = True  # what the journal still holds is refreshed instead
             self.dirty |= chunks
         self._wake.set()
+
+    def after_crash(self, divergent: BitMap) -> None:
+        """Start-up after a crash: send the journal first, then refresh ``divergent``.
+
+        A TRIGGER answered before the crash had every earlier write finished, so
+        the journal up to it is exactly what this device holds; writes in flight
+        at the crash may have been journalled and not applied (or the reverse),
+        which is what copying those chunks again settles.
+        """
+        if self.state != CONSISTENT:
+            self.dirty |= divergent
+            return
+        self._after_replay = divergent
+        self._replay_until = self.journal.last_seq
 
     def wait_remote(self, seq: int) -> None:
         """Sync mode: return once the remote device answered the mutation ``seq``."""
@@ -267,6 +285,10 @@ class Replicator:
                     # resuming from an older position only sends records again
                     self._save(self)
                     last_save = last_flush
+            if self._after_replay is not None and self.replied_seq >= self._replay_until:
+                divergent, self._after_replay = self._after_replay, None
+                self.diverged(divergent)
+                continue
             if self.degraded and self.replied_seq >= self.journal.last_seq:
                 self.degraded = False  # caught up: sync mode waits for the remote again
             if not sent_any:
