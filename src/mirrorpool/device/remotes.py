@@ -118,9 +118,9 @@ class RemoteService:
         with volume.seq.lock:
             # the initial copy: what the primary holds, and whatever is being written now
             if created:
-                replicator.dirty = self._allocated(lu)
+                replicator.dirty |= self._allocated(lu)
             else:
-                replicator.dirty = BitMap(range((lu.size + CHUNK - 1) // CHUNK))
+                replicator.dirty |= BitMap(range((lu.size + CHUNK - 1) // CHUNK))
             for op in list(volume.seq._inflight):
                 if op.seq is not None and op.end > op.start:
                     replicator.dirty.add_range(op.start // CHUNK, op.end // CHUNK)

@@ -20,8 +20,10 @@ The journal falls back to refreshing when it is full; the remote copy is then
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -102,6 +104,7 @@ class Replicator:
         self._replied = threading.Condition()
         self._wake = threading.Event()
         self._stopping = False
+        self._client: NbdClient | None = None
         self._thread = threading.Thread(target=self._run, name=f"replicate-{config.lu}",
                                         daemon=True)
 
@@ -111,6 +114,11 @@ class Replicator:
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+        client = self._client
+        if client is not None:
+            # a send or a reply the remote device never gives must not hold up the stop
+            with contextlib.suppress(OSError):
+                client.sock.shutdown(socket.SHUT_RDWR)
         with self._replied:
             self._replied.notify_all()
         self._thread.join(10)
@@ -235,6 +243,7 @@ class Replicator:
                 if client.size != self.volume.size:
                     raise NbdError(f"remote LU is {client.size} bytes, this one "
                                    f"{self.volume.size}: refusing to replicate")
+                self._client = client
                 self.connected = True
                 self.last_error = ""
                 backoff = 0.1
@@ -246,6 +255,7 @@ class Replicator:
                                                                  "error": str(exc)})
             finally:
                 self.connected = False
+                self._client = None
                 if client is not None:
                     client.sock.close()
             if self._stopping:
