@@ -52,13 +52,15 @@ def list_(
     if as_json:
         print_json(gens)
         return
-    table = Table("gen", "seq", "label", "source", "created", "state", "pinned", "trigger",
-                  "origin seq")
+    origin = any("origin_seq" in g for g in gens)  # a remote copy: the source's seq too
+    columns = ["gen", "seq", "label", "source", "created", "state", "pinned", "trigger"]
+    table = Table(*columns, *(["origin seq"] if origin else []))
     for g in gens:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(g.get("created", 0)))
         table.add_row(str(g["gen"]), str(g.get("seq", "")), g.get("label", ""),
                       g.get("source", ""), created, g["state"], "yes" if g["pinned"] else "",
-                      g.get("trigger_id", ""), str(g.get("origin_seq", "")))
+                      g.get("trigger_id", ""),
+                      *([str(g.get("origin_seq", ""))] if origin else []))
     console.print(table)
 
 

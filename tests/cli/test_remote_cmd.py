@@ -1,0 +1,82 @@
+"""`mirrorpool remote add|status|list|remove` and `backups NAME --remote`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.processes import DeviceProcess
+from tests.interop.test_replication import wait_caught_up
+from tests.mirror_support import api, qemu_io
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[DeviceProcess, DeviceProcess]]:
+    a = DeviceProcess(data_dir=tmp_path / "a").start()
+    b = DeviceProcess(data_dir=tmp_path / "b").start()
+    yield a, b
+    for dev in (a, b):
+        if dev.proc is not None and dev.proc.poll() is None:
+            dev.stop()
+
+
+def test_add_status_list_remove(pair: tuple[DeviceProcess, DeviceProcess]) -> None:
+    a, b = pair
+    a.cli("lu", "create", "db", "--size", "4M", "--pool", "1")
+    qemu_io(a.uri("db"), "write -P 0x5a 0 64k")
+    out = a.cli("remote", "add", "db", "--device", b.api, "--remote-name", "db-copy",
+                "--remote-pool", "2").stdout
+    assert "db replicates to db-copy" in out
+    wait_caught_up(a, "db")
+    assert api(b, "GET", "/v1/lus/db-copy")["pool"] == 2  # type: ignore[index]
+    status = json.loads(a.cli("remote", "status", "db", "--json").stdout)
+    assert status["state"] == "consistent" and status["connected"]
+    assert status["remote"] == "db-copy" and status["mode"] == "async"
+    table = a.cli("remote", "status", "db").stdout
+    assert "consistent" in table and "db-copy" in table
+    assert [s["lu"] for s in json.loads(a.cli("remote", "list", "--json").stdout)] == ["db"]
+
+    made = json.loads(a.cli("trigger", "db", "--label", "cli", "--json").stdout)
+    gen = made["generations"][0]
+    assert gen["replicated"] is True
+    wait_caught_up(a, "db")
+    rows = json.loads(a.cli("backups", "db", "--remote", "--json").stdout)
+    row = next(r for r in rows if r["trigger_id"] == made["trigger_id"])
+    assert row["gen"] == gen["gen"] and row["remote_gen"] is not None
+    remote_table = b.cli("backups", "db-copy").stdout
+    assert "origin seq" in remote_table and made["trigger_id"] in remote_table
+
+    assert "no longer replicated" in a.cli("remote", "remove", "db").stdout
+    assert json.loads(a.cli("remote", "list", "--json").stdout) == []
+    result = a.cli("remote", "status", "db", check=False)
+    assert result.returncode == 1 and "not replicated" in result.stderr
+    # B keeps its copy and its generations
+    assert api(b, "GET", "/v1/lus/db-copy/backups")
+
+
+def test_refusals_are_one_sentence(pair: tuple[DeviceProcess, DeviceProcess]) -> None:
+    a, b = pair
+    a.cli("lu", "create", "m", "--size", "8M", "--pool", "1")
+    b.cli("lu", "create", "m", "--size", "16M", "--pool", "1")
+    for args, words in [
+        (["--device", b.api], "sizes must match"),
+        (["--device", "http://127.0.0.1:1"], "cannot reach the remote device"),
+        (["--device", b.api, "--mode", "sometimes"], "mode must be one of"),
+        (["--device", "b.example:10880"], "control API URL"),
+        (["--device", b.api, "--journal-limit", "12Q"], "size"),
+    ]:
+        result = a.cli("remote", "add", "m", *args, check=False)
+        assert result.returncode == 1, (args, result.stdout)
+        assert words in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    result = a.cli("remote", "add", "nope", "--device", b.api, check=False)
+    assert result.returncode == 1 and "no LU named" in result.stderr
+    assert api(a, "GET", "/v1/remotes") == []
+    # a replicated LU cannot be resized
+    a.cli("lu", "create", "g", "--size", "4M", "--pool", "1")
+    a.cli("remote", "add", "g", "--device", b.api)
+    result = a.cli("lu", "resize", "g", "--size", "8M", check=False)
+    assert result.returncode == 1 and "is replicated" in result.stderr
