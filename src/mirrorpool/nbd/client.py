@@ -162,6 +162,43 @@ class NbdClient:
             self.sock.sendall(payload)
         return self._cookie
 
+    # ------------------------------------------------------------ pipelining
+
+    def encode_request(self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0,
+                       payload: bytes | memoryview = b"") -> tuple[int, list[bytes | memoryview]]:
+        """A request as buffers to send later (many at once); returns its cookie too."""
+        self._cookie += 1
+        header = REQUEST_HEADER.pack(REQUEST_MAGIC, flags, cmd, self._cookie, offset, length)
+        return self._cookie, [header, payload] if payload else [header]
+
+    def send_buffers(self, buffers: list[bytes | memoryview]) -> None:
+        self.sock.sendall(b"".join(buffers))
+
+    def next_reply(self) -> tuple[int, int, str, list[tuple[int, bytes]]]:
+        """The next whole reply, whichever request it answers (no data-carrying commands).
+
+        Returns (cookie, error, error message, other chunks); an error reply does not raise.
+        """
+        chunks: list[tuple[int, bytes]] = []
+        error, message = 0, ""
+        while True:
+            (magic,) = struct.unpack(">I", self._recv(4))
+            if magic == SIMPLE_REPLY_MAGIC:
+                error, cookie = struct.unpack(">IQ", self._recv(SIMPLE_REPLY.size - 4))
+                return cookie, error, message, chunks
+            if magic != STRUCTURED_REPLY_MAGIC:
+                raise NbdError(f"bad reply magic 0x{magic:x}")
+            flags, typ, cookie, length = struct.unpack(
+                ">HHQI", self._recv(STRUCTURED_HEADER.size - 4))
+            body = self._recv(length)
+            if typ & (1 << 15):
+                error, mlen = struct.unpack(">IH", body[:6])
+                message = body[6 : 6 + mlen].decode(errors="replace")
+            elif typ != ReplyType.NONE:
+                chunks.append((typ, body))
+            if flags & 1:
+                return cookie, error, message, chunks
+
     def _replies(self, cookie: int, into: memoryview | None = None,
                  base: int = 0) -> list[tuple[int, bytes]]:
         """Read the reply to ``cookie``; data chunks land in ``into``; returns other chunks."""

@@ -33,8 +33,8 @@ from pyroaring import BitMap
 
 from mirrorpool.mirror.changes import CHUNK, chunk_span
 from mirrorpool.mirror.volume import MirroredVolume
-from mirrorpool.nbd.client import NbdClient, NbdError
-from mirrorpool.nbd.constants import TRIGGER_CONTEXT
+from mirrorpool.nbd.client import REPLY_TYPE_TRIGGER, NbdClient, NbdError
+from mirrorpool.nbd.constants import TRIGGER_CONTEXT, Cmd, CmdFlag
 from mirrorpool.replication.journal import JournalFull, Kind, Record, ReplicationJournal
 
 log = logging.getLogger("mirrorpool.replication")
@@ -43,6 +43,8 @@ CONSISTENT = "consistent"
 SYNCING = "syncing"
 INCONSISTENT = "inconsistent"
 REFRESH_RUN = 256  # chunks per refresh step (1 MiB)
+WINDOW = 64  # records sent before their replies are read
+WINDOW_BYTES = 8 << 20
 FLUSH_EVERY = 0.05  # seconds between flushes of the remote copy (and journal trims)
 SAVE_EVERY = 1.0  # seconds between saves of the acknowledged position in the catalog
 # In-band TRIGGER payload of a forwarded trigger: NUL, then JSON (labels never hold NUL).
@@ -274,17 +276,18 @@ class Replicator:
                 self._refresh(client)
                 cursor = None
                 continue
-            sent_any = False
+            batch: list[Record] = []
+            size = 0
             for record, after in self.journal.records_after(self.replied_seq, cursor):
-                self._send(client, record)
+                batch.append(record)
                 cursor = after
-                sent_any = True
-                if self._stopping or self.state != CONSISTENT:
+                size += record.size
+                if len(batch) == WINDOW or size >= WINDOW_BYTES:
                     break
-                if time.monotonic() - last_flush > FLUSH_EVERY:
-                    break
+            if batch:
+                self._send_window(client, batch)
             if self.replied_seq > self.acked_seq and (
-                    not sent_any or time.monotonic() - last_flush > FLUSH_EVERY):
+                    not batch or time.monotonic() - last_flush > FLUSH_EVERY):
                 client.flush()
                 self.acked_seq = self.replied_seq
                 if self.journal.trim(self.acked_seq):
@@ -301,41 +304,78 @@ class Replicator:
                 continue
             if self.degraded and self.replied_seq >= self.journal.last_seq:
                 self.degraded = False  # caught up: sync mode waits for the remote again
-            if not sent_any:
+            if not batch:
                 self._wake.wait(FLUSH_EVERY)
                 self._wake.clear()
 
-    def _send(self, client: NbdClient, record: Record) -> None:
-        if record.kind == Kind.WRITE:
-            client.pwrite(record.payload, record.offset)
-        elif record.kind == Kind.ZERO:
-            client.zero(record.length, record.offset, may_trim=record.payload == b"\x01")
-        elif record.kind == Kind.TRIM:
-            client.trim(record.length, record.offset)
-        elif record.kind == Kind.TRIGGER:
-            doc = parse_forwarded(record.payload) or {}
-            self.last_remote_trigger = {
-                "trigger_id": doc.get("trigger_id"), "seq": record.seq,
-                "gen": doc.get("origin_gen"), "at": time.time(),
-            }
-            try:
-                answer = client.trigger_raw(record.payload)
-            except NbdError as exc:
-                if not exc.code:
-                    raise  # the link failed: send it again once it is back
-                # the remote device refused the split (e.g. every member pinned): the
-                # stream goes on, and the refusal is reported
-                self.last_remote_trigger["refused"] = str(exc)
-                log.warning("remote device refused a forwarded trigger",
-                            extra={"lu": self.config.lu, "why": str(exc)})
+    def _send_window(self, client: NbdClient, batch: list[Record]) -> None:
+        """Send records back to back, then take their replies (in any order).
+
+        The remote device numbers requests as they arrive, so the order on the
+        wire is the order it applies them in; waiting for each reply before the
+        next request would cost a round trip per record.
+        """
+        buffers: list[bytes | memoryview] = []
+        cookies: dict[int, Record] = {}
+        for record in batch:
+            if record.kind == Kind.WRITE:
+                cookie, bufs = client.encode_request(Cmd.WRITE, record.offset, record.length,
+                                                     0, record.payload)
+            elif record.kind == Kind.ZERO:
+                flags = 0 if record.payload == b"\x01" else CmdFlag.NO_HOLE
+                cookie, bufs = client.encode_request(Cmd.WRITE_ZEROES, record.offset,
+                                                     record.length, flags)
+            elif record.kind == Kind.TRIM:
+                cookie, bufs = client.encode_request(Cmd.TRIM, record.offset, record.length)
             else:
+                doc = parse_forwarded(record.payload) or {}
+                self.last_remote_trigger = {"trigger_id": doc.get("trigger_id"),
+                                            "seq": record.seq, "gen": doc.get("origin_gen"),
+                                            "at": time.time()}
+                cookie, bufs = client.encode_request(Cmd.TRIGGER, 0, len(record.payload), 0,
+                                                     record.payload)
+            cookies[cookie] = record
+            buffers += bufs
+        client.send_buffers(buffers)
+        done: set[int] = set()
+        order = list(cookies)
+        next_index = 0
+        while next_index < len(order):
+            cookie, error, message, chunks = client.next_reply()
+            record = cookies.get(cookie)
+            if record is None:
+                raise NbdError("reply to a request never sent")
+            if record.kind == Kind.TRIGGER:
+                self._trigger_answered(error, message, chunks)
+            elif error:
+                raise NbdError(f"remote device failed a write: {message or error}", error)
+            if record.kind == Kind.WRITE:
+                self.sent_bytes += record.length
+            done.add(cookie)
+            last = None
+            while next_index < len(order) and order[next_index] in done:
+                last = cookies[order[next_index]].seq
+                next_index += 1
+            if last is not None:
+                with self._replied:
+                    self.replied_seq = last
+                    self._replied.notify_all()
+
+    def _trigger_answered(self, error: int, message: str,
+                          chunks: list[tuple[int, bytes]]) -> None:
+        last = self.last_remote_trigger if self.last_remote_trigger is not None else {}
+        if error:
+            # the remote device refused the split (e.g. every member pinned): the
+            # stream goes on, and the refusal is reported
+            last["refused"] = message or f"error {error}"
+            log.warning("remote device refused a forwarded trigger",
+                        extra={"lu": self.config.lu, "why": last["refused"]})
+            return
+        for typ, body in chunks:
+            if typ == REPLY_TYPE_TRIGGER:
+                answer = json.loads(body)
                 gen = (answer.get("generations") or [{}])[0]
-                self.last_remote_trigger.update(remote_gen=gen.get("gen"),
-                                                remote_seq=gen.get("seq"))
-        self.sent_bytes += record.length if record.kind == Kind.WRITE else 0
-        with self._replied:
-            self.replied_seq = record.seq
-            self._replied.notify_all()
+                last.update(remote_gen=gen.get("gen"), remote_seq=gen.get("seq"))
 
     def _refresh(self, client: NbdClient) -> None:
         """Copy the dirty chunks' current data, then go back to journaling."""
