@@ -107,3 +107,18 @@ def test_labels_never_pass_for_forwarded_triggers() -> None:
     assert parse_forwarded(b"nightly") is None
     assert parse_forwarded(b"\0not json") is None
     assert parse_forwarded(b'\0{"label": "x"}') is None  # no trigger id
+
+
+def test_records_in_memory_and_on_disk_read_the_same(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(rj, "MEMORY_BYTES", 3 * _write(1).size)
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    for seq in range(1, 8):
+        j.append(_write(seq))
+    # 5-7 are still in memory, 1-4 only on disk
+    assert [r.seq for r, c in j.records_after(4)] == [5, 6, 7]
+    assert all(c is None for _, c in j.records_after(4))
+    assert [r.seq for r, _ in j.records_after(1)] == [2, 3, 4, 5, 6, 7]
+    assert [r for r, _ in j.records_after(4)] == [_write(5), _write(6), _write(7)]
+    j.trim(6)
+    assert [r.seq for r, _ in j.records_after(6)] == [7]
+    j.close()

@@ -79,26 +79,25 @@ class NbdClient:
         else:
             self.sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._reader = self.sock.makefile("rb", buffering=1 << 16)
         self.export = addr.export
         self.contexts: dict[int, str] = {}
         self._cookie = 0
         try:
             self._handshake(contexts)
         except BaseException:
+            self._reader.close()
             self.sock.close()
             raise
 
     # ------------------------------------------------------------ handshake
 
     def _recv(self, n: int) -> bytes:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        while view:
-            got = self.sock.recv_into(view)
-            if not got:
-                raise NbdError("server closed the connection")
-            view = view[got:]
-        return bytes(buf)
+        # buffered: a reply header is several small reads, one system call in all
+        data = self._reader.read(n)
+        if len(data) < n:
+            raise NbdError("server closed the connection")
+        return data
 
     def _option(self, option: int, data: bytes = b"") -> None:
         self.sock.sendall(struct.pack(">QII", IHAVEOPT, option, len(data)) + data)
@@ -287,6 +286,11 @@ class NbdClient:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._request(Cmd.DISC)
+        self.abort()
+
+    def abort(self) -> None:
+        """Drop the connection without a word (the reader holds the socket open too)."""
+        self._reader.close()
         self.sock.close()
 
     def __enter__(self) -> NbdClient:

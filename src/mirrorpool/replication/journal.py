@@ -12,6 +12,7 @@ payload length), the payload, then a CRC-32 of both.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import struct
@@ -25,6 +26,8 @@ MAGIC = b"MPRJ"
 _HEAD = struct.Struct(">4sBxxxQQQI")
 _CRC = struct.Struct(">I")
 SEGMENT_BYTES = 64 << 20
+MEMORY_BYTES = 64 << 20  # newest records also kept in memory, for the sender
+MEMORY_BATCH = 256
 
 
 class Kind(IntEnum):
@@ -74,7 +77,14 @@ class ReplicationJournal:
         self._fd = -1
         self._current = 0
         self.last_seq = 0
+        # The newest records are also kept in memory, so the sender need not read
+        # them back: every record numbered above _disk_only_upto is in _mem.
+        self._mem: list[Record] = []
+        self._mem_seqs: list[int] = []
+        self._mem_start = 0
+        self._mem_bytes = 0
         self._recover()
+        self._disk_only_upto = self.last_seq
 
     # ------------------------------------------------------------ files
 
@@ -149,6 +159,15 @@ class ReplicationJournal:
             os.write(self._fd, data)
             self._segments[self._current] = (size + len(data), record.seq)
             self.last_seq = record.seq
+            self._mem.append(record)
+            self._mem_seqs.append(record.seq)
+            self._mem_bytes += len(data)
+            while self._mem_bytes > MEMORY_BYTES and self._mem_start < len(self._mem):
+                dropped = self._mem[self._mem_start]
+                self._mem_start += 1
+                self._mem_bytes -= dropped.size
+                self._disk_only_upto = dropped.seq
+            self._compact_mem()
             self._appended.notify_all()
 
     def sync(self) -> None:
@@ -163,13 +182,39 @@ class ReplicationJournal:
 
     # ------------------------------------------------------------ reading and trimming
 
+    def _compact_mem(self) -> None:
+        if self._mem_start > 4096 and self._mem_start * 2 > len(self._mem):
+            del self._mem[: self._mem_start]
+            del self._mem_seqs[: self._mem_start]
+            self._mem_start = 0
+
+    def _forget_mem(self, upto_seq: int) -> None:
+        """Records up to ``upto_seq`` will not be read again (lock held)."""
+        i = bisect.bisect_right(self._mem_seqs, upto_seq, self._mem_start)
+        for record in self._mem[self._mem_start : i]:
+            self._mem_bytes -= record.size
+        self._mem_start = i
+        self._disk_only_upto = max(self._disk_only_upto, upto_seq)
+        self._compact_mem()
+
     def records_after(
         self, seq: int, cursor: tuple[int, int] | None = None,
-    ) -> Iterator[tuple[Record, tuple[int, int]]]:
+    ) -> Iterator[tuple[Record, tuple[int, int] | None]]:
         """Records numbered above ``seq`` in order, each with the cursor just past it.
 
         A cursor from an earlier call resumes there instead of scanning from the start.
+        Records still held in memory come from there (with no cursor), a batch at a time.
         """
+        with self._lock:
+            if seq >= self._disk_only_upto:
+                i = bisect.bisect_right(self._mem_seqs, seq, self._mem_start)
+                batch = self._mem[i : i + MEMORY_BATCH]
+            else:
+                batch = None
+        if batch is not None:
+            for record in batch:
+                yield record, None
+            return
         with self._lock:
             indexes = sorted(i for i, (size, last) in self._segments.items()
                              if size and last > seq)
@@ -190,6 +235,7 @@ class ReplicationJournal:
         Returns True when the journal became empty (cursors into it are void).
         """
         with self._lock:
+            self._forget_mem(upto_seq)
             done = [i for i, (size, last) in self._segments.items()
                     if i != self._current and last <= upto_seq]
             for index in done:
@@ -214,6 +260,10 @@ class ReplicationJournal:
                         os.unlink(self._path(index))
             os.ftruncate(self._fd, 0)
             self._segments[self._current] = (0, 0)
+            self._mem.clear()
+            self._mem_seqs.clear()
+            self._mem_start = self._mem_bytes = 0
+            self._disk_only_upto = self.last_seq
 
     def close(self) -> None:
         with self._lock:

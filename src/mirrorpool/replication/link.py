@@ -106,15 +106,20 @@ class Replicator:
         self._replied = threading.Condition()
         self._wake = threading.Event()
         self._stopping = False
+        self._stop_event = threading.Event()
         self._client: NbdClient | None = None
         self._thread = threading.Thread(target=self._run, name=f"replicate-{config.lu}",
                                         daemon=True)
+        self._flusher = threading.Thread(target=self._flush_loop,
+                                         name=f"replicate-flush-{config.lu}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        self._flusher.start()
 
     def stop(self) -> None:
         self._stopping = True
+        self._stop_event.set()
         self._wake.set()
         client = self._client
         if client is not None:
@@ -124,6 +129,7 @@ class Replicator:
         with self._replied:
             self._replied.notify_all()
         self._thread.join(10)
+        self._flusher.join(10)
 
     # ------------------------------------------------------------ data path (sequencer lock held)
 
@@ -259,45 +265,75 @@ class Replicator:
                 self.connected = False
                 self._client = None
                 if client is not None:
-                    client.sock.close()
+                    client.abort()
             if self._stopping:
                 return
             self._wake.wait(backoff)
             self._wake.clear()
             backoff = min(backoff * 2, 2.0)
 
+    def _flush_loop(self) -> None:
+        """Make what the remote device answered durable there, on a connection of its own.
+
+        The remote LU is multi-conn consistent, so a FLUSH here covers every write
+        the sender saw answered; the sender never waits for the remote disk.
+        """
+        client: NbdClient | None = None
+        while not self._stopping:
+            self._stop_event.wait(FLUSH_EVERY)
+            target = self.replied_seq
+            if self.state != CONSISTENT or target <= self.acked_seq or not self.connected:
+                continue
+            try:
+                if client is None:
+                    client = NbdClient(self.config.nbd, timeout=30)
+                client.flush()
+            except (OSError, NbdError):
+                if client is not None:
+                    client.abort()
+                client = None
+                continue
+            with self.volume.seq.lock:
+                # a refresh may have started meanwhile and set its own position
+                if self.state == CONSISTENT and target > self.acked_seq:
+                    self.acked_seq = target
+        if client is not None:
+            client.abort()
+
     def _serve(self, client: NbdClient) -> None:
         # resume after what the remote device holds on stable storage
         self.replied_seq = self.acked_seq
         cursor: tuple[int, int] | None = None
-        last_flush = last_save = time.monotonic()
+        last_save = time.monotonic()
+        trimmed = self.acked_seq
         while not self._stopping:
             if self.state != CONSISTENT:
                 self._refresh(client)
                 cursor = None
+                trimmed = self.acked_seq
                 continue
             batch: list[Record] = []
             size = 0
             for record, after in self.journal.records_after(self.replied_seq, cursor):
                 batch.append(record)
-                cursor = after
+                if after is not None:  # records read from the files
+                    cursor = after
                 size += record.size
                 if len(batch) == WINDOW or size >= WINDOW_BYTES:
                     break
             if batch:
                 self._send_window(client, batch)
-            if self.replied_seq > self.acked_seq and (
-                    not batch or time.monotonic() - last_flush > FLUSH_EVERY):
-                client.flush()
-                self.acked_seq = self.replied_seq
-                if self.journal.trim(self.acked_seq):
+            acked = self.acked_seq  # moved on by the flusher
+            if acked > trimmed:
+                trimmed = acked
+                if self.journal.trim(acked):
                     cursor = None
                     self._oldest_unsent = None
-                last_flush = time.monotonic()
-                if last_flush - last_save > SAVE_EVERY:
+                now = time.monotonic()
+                if now - last_save > SAVE_EVERY:
                     # resuming from an older position only sends records again
                     self._save(self)
-                    last_save = last_flush
+                    last_save = now
             if self._after_replay is not None and self.replied_seq >= self._replay_until:
                 divergent, self._after_replay = self._after_replay, None
                 self.diverged(divergent)
