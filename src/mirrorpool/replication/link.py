@@ -26,6 +26,7 @@ import logging
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,6 +46,7 @@ INCONSISTENT = "inconsistent"
 REFRESH_RUN = 256  # chunks per refresh step (1 MiB)
 WINDOW = 64  # records sent before their replies are read
 WINDOW_BYTES = 8 << 20
+STAMP_EVERY = 0.01  # seconds between time stamps of journalled records
 FLUSH_EVERY = 0.05  # seconds between flushes of the remote copy (and journal trims)
 SAVE_EVERY = 1.0  # seconds between saves of the acknowledged position in the catalog
 # In-band TRIGGER payload of a forwarded trigger: NUL, then JSON (labels never hold NUL).
@@ -102,7 +104,9 @@ class Replicator:
         # copied again once the journal has been sent up to ``_replay_until``
         self._after_replay: BitMap | None = None
         self._replay_until = 0
-        self._oldest_unsent: float | None = None
+        # (seq, time journalled), one every STAMP_EVERY: how old the oldest unanswered
+        # record is, i.e. the lag in seconds
+        self._stamps: deque[tuple[int, float]] = deque()
         self._replied = threading.Condition()
         self._wake = threading.Event()
         self._stopping = False
@@ -138,8 +142,9 @@ class Replicator:
         if self.state == CONSISTENT:
             try:
                 self.journal.append(Record(kind, seq, offset, length, bytes(payload)))
-                if self._oldest_unsent is None:
-                    self._oldest_unsent = time.monotonic()
+                now = time.monotonic()
+                if not self._stamps or now - self._stamps[-1][1] > STAMP_EVERY:
+                    self._stamps.append((seq, now))
                 self._wake.set()
                 return
             except JournalFull as exc:
@@ -209,7 +214,10 @@ class Replicator:
         last = self.volume.seq.last_seq
         lag_seq = max(0, self.journal.last_seq - self.replied_seq) if self.state == CONSISTENT \
             else None
-        oldest = self._oldest_unsent
+        replied = self.replied_seq
+        stamps = self._stamps.copy()  # atomic, unlike iterating while others append
+        waiting = [t for seq, t in stamps if seq > replied]
+        lag_seconds = time.monotonic() - waiting[0] if waiting and lag_seq else 0.0
         return {
             "lu": self.config.lu,
             "device": self.config.device,
@@ -224,7 +232,7 @@ class Replicator:
             "acked_seq": self.acked_seq,
             "lag_seq": lag_seq,
             "lag_bytes": self.journal.used,
-            "lag_seconds": round(time.monotonic() - oldest, 3) if oldest else 0.0,
+            "lag_seconds": round(lag_seconds, 3),
             "journal_used": self.journal.used,
             "journal_limit": self.config.limit,
             "dirty_bytes": len(self.dirty) * CHUNK,
@@ -328,7 +336,6 @@ class Replicator:
                 trimmed = acked
                 if self.journal.trim(acked):
                     cursor = None
-                    self._oldest_unsent = None
                 now = time.monotonic()
                 if now - last_save > SAVE_EVERY:
                     # resuming from an older position only sends records again
@@ -396,6 +403,8 @@ class Replicator:
                 with self._replied:
                     self.replied_seq = last
                     self._replied.notify_all()
+                while self._stamps and self._stamps[0][0] <= last:
+                    self._stamps.popleft()
 
     def _trigger_answered(self, error: int, message: str,
                           chunks: list[tuple[int, bytes]]) -> None:
@@ -425,7 +434,6 @@ class Replicator:
                         self.dirty.add_range(first, stop)
             self.journal.reset()
             self._overflow = False
-            self._oldest_unsent = None
         while not self._stopping:
             with volume.seq.lock:
                 empty = not self.dirty
