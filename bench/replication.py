@@ -28,6 +28,7 @@ Servers are stopped by PID; the temporary directory is removed at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import signal
 import statistics
@@ -130,10 +131,8 @@ def run_fio(fio: Fio, name: str, uri: str, runtime: int, size: int,
     def sampler() -> None:
         api = Api(sample)
         while not stop.wait(0.25):
-            try:
+            with contextlib.suppress(Exception):  # sampling must not end the run
                 samples.append(status(api))
-            except Exception:  # noqa: BLE001 - sampling must not end the run
-                pass
         api.close()
 
     thread = threading.Thread(target=sampler) if sample else None
