@@ -122,3 +122,18 @@ def test_records_in_memory_and_on_disk_read_the_same(tmp_path: Path, monkeypatch
     j.trim(6)
     assert [r.seq for r, _ in j.records_after(6)] == [7]
     j.close()
+
+
+def test_a_stop_is_taken_over_the_limit_and_seen_after_a_reopen(tmp_path: Path) -> None:
+    size = _write(1, 1000).size
+    j = ReplicationJournal(str(tmp_path), size)
+    j.append(_write(1, 1000))
+    with pytest.raises(JournalFull):
+        j.append(_write(2, 1000))
+    j.append(Record(Kind.STOP, 2, 0, 0))  # what followed was not journalled
+    j.close()
+    j = ReplicationJournal(str(tmp_path), size)
+    assert j.stopped
+    j.reset()
+    assert not j.stopped
+    j.close()

@@ -16,7 +16,13 @@ from mirrorpool.errors import Conflict, InvalidRequest, NotFound
 from mirrorpool.mirror.changes import CHUNK, chunk_span
 from mirrorpool.nbd.constants import AllocationFlag
 from mirrorpool.replication.journal import ReplicationJournal
-from mirrorpool.replication.link import CONSISTENT, SYNCING, RemoteConfig, Replicator
+from mirrorpool.replication.link import (
+    CONSISTENT,
+    INCONSISTENT,
+    SYNCING,
+    RemoteConfig,
+    Replicator,
+)
 
 if TYPE_CHECKING:
     from mirrorpool.device.device import Device, LogicalUnit
@@ -55,11 +61,15 @@ class RemoteService:
                                   dirty=BitMap.deserialize(dirty) if dirty else BitMap())
             replicator = self._make(lu, config)
             if not clean:
-                if state == CONSISTENT:
+                if state == CONSISTENT and not replicator.journal.stopped:
                     replicator.after_crash(divergent.get(lu_name, BitMap()))
                 else:
-                    # changes made while the copy was being refreshed are not all on file
-                    replicator.dirty |= self._allocated(lu)
+                    # changes made while the copy was being refreshed are not all on
+                    # file: compare everything (zeros go as WRITE_ZEROES)
+                    replicator.state = INCONSISTENT
+                    replicator.dirty |= BitMap(range((lu.size + CHUNK - 1) // CHUNK))
+                    replicator.journal.reset()
+                self._save(replicator)
             replicator.start()
 
     def _journal_dir(self, lu: LogicalUnit) -> str:

@@ -35,7 +35,7 @@ class Kind(IntEnum):
     ZERO = 2  # offset, length; payload: b"\x01" if the range may be trimmed
     TRIM = 3
     TRIGGER = 4  # payload: JSON of the trigger (id, label, generation)
-    REFRESH = 5  # offset, length: send the primary's current data for the range
+    STOP = 5  # journaling stopped here (the journal filled up, or a write failed)
 
 
 class JournalFull(Exception):
@@ -77,6 +77,7 @@ class ReplicationJournal:
         self._fd = -1
         self._current = 0
         self.last_seq = 0
+        self.stopped = False  # the newest record on file is a STOP
         # The newest records are also kept in memory, so the sender need not read
         # them back: every record numbered above _disk_only_upto is in _mem.
         self._mem: list[Record] = []
@@ -98,6 +99,7 @@ class ReplicationJournal:
             good, last = 0, 0
             for record, end in self._scan(index):
                 good, last = end, record.seq
+                self.stopped = record.kind == Kind.STOP
             if os.path.getsize(self._path(index)) != good:
                 os.truncate(self._path(index), good)  # a torn tail: never sent
             self._segments[index] = (good, last)
@@ -146,11 +148,15 @@ class ReplicationJournal:
             return sum(size for size, _ in self._segments.values())
 
     def append(self, record: Record) -> None:
-        """Append in sequence order (the caller holds the sequencer lock)."""
+        """Append in sequence order (the caller holds the sequencer lock).
+
+        A STOP record is taken even over the limit: after a crash it tells that
+        what followed was not journalled.
+        """
         data = record.encode()
         with self._lock:
             used = sum(size for size, _ in self._segments.values())
-            if used + len(data) > self.limit:
+            if used + len(data) > self.limit and record.kind != Kind.STOP:
                 raise JournalFull(f"replication journal full ({used} of {self.limit} bytes)")
             size, _ = self._segments[self._current]
             if size and size + len(data) > SEGMENT_BYTES:
@@ -159,6 +165,7 @@ class ReplicationJournal:
             os.write(self._fd, data)
             self._segments[self._current] = (size + len(data), record.seq)
             self.last_seq = record.seq
+            self.stopped = record.kind == Kind.STOP
             self._mem.append(record)
             self._mem_seqs.append(record.seq)
             self._mem_bytes += len(data)
@@ -260,6 +267,7 @@ class ReplicationJournal:
                         os.unlink(self._path(index))
             os.ftruncate(self._fd, 0)
             self._segments[self._current] = (0, 0)
+            self.stopped = False
             self._mem.clear()
             self._mem_seqs.clear()
             self._mem_start = self._mem_bytes = 0

@@ -42,6 +42,7 @@ log = logging.getLogger("mirrorpool.replication")
 
 CONSISTENT = "consistent"
 SYNCING = "syncing"
+REPLAYING = "replaying"  # after a crash here: the journal is sent, then a refresh
 INCONSISTENT = "inconsistent"
 REFRESH_RUN = 256  # chunks per refresh step (1 MiB)
 WINDOW = 64  # records sent before their replies are read
@@ -100,9 +101,8 @@ class Replicator:
         self.not_replicated = 0  # triggers answered locally while the copy was not consistent
         self.sent_bytes = 0
         self._overflow = False
-        # after a crash of this device: chunks that may differ from the journal, to be
-        # copied again once the journal has been sent up to ``_replay_until``
-        self._after_replay: BitMap | None = None
+        # after a crash of this device: the journal is sent up to here, then the dirty
+        # chunks (those in flight at the crash, and every write since) are copied
         self._replay_until = 0
         # (seq, time journalled), one every STAMP_EVERY: how old the oldest unanswered
         # record is, i.e. the lag in seconds
@@ -150,8 +150,7 @@ class Replicator:
             except JournalFull as exc:
                 log.warning("replication falls back to changed-block tracking",
                             extra={"lu": self.config.lu, "why": str(exc)})
-                self.state = INCONSISTENT
-                self._overflow = True
+                self._stop_journaling(seq)
         first, stop = chunk_span(offset, length)
         self.dirty.add_range(first, stop)
         self._wake.set()
@@ -165,19 +164,23 @@ class Replicator:
             self.journal.append(Record(Kind.TRIGGER, seq, 0, 0,
                                        forwarded_payload(trigger_id, label, seq, gen)))
         except JournalFull:
-            self.state = INCONSISTENT
-            self._overflow = True
+            self._stop_journaling(seq)
             self.not_replicated += 1
             return False
         self._wake.set()
         return True
 
+    def _stop_journaling(self, seq: int) -> None:
+        """Fall back to refreshing (sequencer lock held); noted in the journal for a crash."""
+        self.journal.append(Record(Kind.STOP, seq, 0, 0))
+        self.state = INCONSISTENT
+        self._overflow = True  # what the journal still holds is refreshed instead
+
     def diverged(self, chunks: BitMap) -> None:
-        """These chunks may differ from what the journal says (a crash, a failed write)."""
+        """These chunks may differ from what the journal says (a failed or abandoned write)."""
         with self.volume.seq.lock:
             if self.state == CONSISTENT:
-                self.state = INCONSISTENT
-                self._overflow = True  # what the journal still holds is refreshed instead
+                self._stop_journaling(self.volume.seq.last_seq)
             self.dirty |= chunks
         self._wake.set()
 
@@ -189,11 +192,12 @@ class Replicator:
         at the crash may have been journalled and not applied (or the reverse),
         which is what copying those chunks again settles.
         """
-        if self.state != CONSISTENT:
-            self.dirty |= divergent
-            return
-        self._after_replay = divergent
-        self._replay_until = self.journal.last_seq
+        self.dirty |= divergent
+        if self.state == CONSISTENT:
+            # nothing more is journalled: later writes are marked dirty, and later
+            # triggers are answered as not replicated, as while refreshing
+            self.state = REPLAYING
+            self._replay_until = self.journal.last_seq
 
     def wait_remote(self, seq: int) -> None:
         """Sync mode: return once the remote device answered the mutation ``seq``."""
@@ -315,7 +319,10 @@ class Replicator:
         last_save = time.monotonic()
         trimmed = self.acked_seq
         while not self._stopping:
-            if self.state != CONSISTENT:
+            if self.state == REPLAYING and self.replied_seq >= self._replay_until:
+                with self.volume.seq.lock:
+                    self.state = INCONSISTENT  # the journal is sent: copy the dirty chunks
+            if self.state not in (CONSISTENT, REPLAYING):
                 self._refresh(client)
                 cursor = None
                 trimmed = self.acked_seq
@@ -341,10 +348,6 @@ class Replicator:
                     # resuming from an older position only sends records again
                     self._save(self)
                     last_save = now
-            if self._after_replay is not None and self.replied_seq >= self._replay_until:
-                divergent, self._after_replay = self._after_replay, None
-                self.diverged(divergent)
-                continue
             if self.degraded and self.replied_seq >= self.journal.last_seq:
                 self.degraded = False  # caught up: sync mode waits for the remote again
             if not batch:
@@ -425,10 +428,11 @@ class Replicator:
     def _refresh(self, client: NbdClient) -> None:
         """Copy the dirty chunks' current data, then go back to journaling."""
         volume = self.volume
+        self._save(self)  # not consistent, before the journal is forgotten
         if self._overflow:
             # what the journal held and did not reach the remote device, as chunks
             for record, _ in self.journal.records_after(self.acked_seq):
-                if record.kind in (Kind.WRITE, Kind.ZERO, Kind.TRIM):
+                if record.kind in (Kind.WRITE, Kind.ZERO, Kind.TRIM):  # not TRIGGER, STOP
                     first, stop = chunk_span(record.offset, record.length)
                     with volume.seq.lock:
                         self.dirty.add_range(first, stop)
