@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import random
 import re
@@ -498,12 +499,12 @@ class CrashHarness:
                 rec.gen, rec.seq, rec.member = g["gen"], g["seq"], g.get("member")
                 if g.get("label") != label:
                     errors.append(f"trigger {label} answered with label {g.get('label')!r}")
-        except (OSError, NbdError, ValueError, KeyError):
-            return
+        except (OSError, http.client.HTTPException, NbdError, ValueError, KeyError):
+            return  # the device was killed under this thread (mid-answer, too)
         finally:
             for c in clients.values():
                 with contextlib.suppress(Exception):
-                    c.sock.close()
+                    c.abort()
 
     def _fire(self, mech: str, label: str, clients: dict[str, NbdClient]) -> dict:
         if mech == "api":
@@ -578,7 +579,7 @@ class CrashHarness:
             t.join(cfg.io_timeout + 5)
         for c in clients:
             with contextlib.suppress(Exception):
-                c.sock.close()
+                c.abort()
         if any(t.is_alive() for t in threads):
             raise HarnessError("load threads still running after the device was killed")
         for e in errors:

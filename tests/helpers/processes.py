@@ -144,13 +144,19 @@ class NbdkitProcess:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
-    def start(self) -> NbdkitProcess:
-        self.proc = subprocess.Popen(
-            ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(self.port), *self.plugin_args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port, self.proc)
-        return self
+    def start(self, attempts: int = 3) -> NbdkitProcess:
+        for _ in range(attempts):
+            self.proc = subprocess.Popen(
+                ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(self.port), *self.plugin_args],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            wait_for_port(self.port, self.proc)
+            # the port may have answered for someone else: nbdkit must still be running
+            time.sleep(0.1)
+            if self.proc.poll() is None:
+                return self
+            self.port = free_port()
+        raise RuntimeError("nbdkit did not stay up on a free port")
 
     def uri(self) -> str:
         return f"nbd://127.0.0.1:{self.port}"
