@@ -42,6 +42,17 @@ def fresh_device(tmp_path: Path) -> Iterator[DeviceProcess]:
         dev.stop()
 
 
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[DeviceProcess, DeviceProcess]]:
+    """Two devices of the test's own, A and B, for replication from A to B."""
+    a = DeviceProcess(data_dir=tmp_path / "a").start()
+    b = DeviceProcess(data_dir=tmp_path / "b").start()
+    yield a, b
+    for dev in (a, b):
+        if dev.proc is not None and dev.proc.poll() is None:
+            dev.stop()
+
+
 @dataclass
 class Target:
     """An NBD export under test: a mirrorpool LU, or nbdkit as the calibration server."""

@@ -277,3 +277,33 @@ def read_reply(conn: rawnbd.RawNbd) -> tuple[int, int, bytes]:
         return cookie, struct.unpack(">I", body[:4])[0], body
     assert typ == REPLY_TRIGGER, typ
     return cookie, 0, body
+
+
+# ---------------------------------------------------------------- replication
+
+
+def link_status(a: DeviceProcess, name: str) -> dict:
+    return api(a, "GET", f"{lu_path(name)}/remote")  # type: ignore[return-value]
+
+
+def wait_caught_up(a: DeviceProcess, name: str, timeout: float = 30) -> dict:
+    def done() -> bool:
+        s = link_status(a, name)
+        return (s["state"] == "consistent" and s["connected"] and s["lag_seq"] == 0
+                and s["acked_seq"] >= s["replied_seq"] and s["journal_used"] == 0)
+
+    wait_until(done, timeout, "the remote copy to catch up")
+    return link_status(a, name)
+
+
+def remote_gens(a: DeviceProcess, name: str) -> list[dict]:
+    return api(a, "GET", f"{lu_path(name)}/remote/backups")  # type: ignore[return-value]
+
+
+def assert_same_cut(a: DeviceProcess, b: DeviceProcess, name: str) -> int:
+    """Every trigger with a generation on both sides: both read the same."""
+    pairs = [(r["gen"], r["remote_gen"]) for r in remote_gens(a, name)
+             if r["gen"] is not None and r["remote_gen"] is not None]
+    for gen, remote_gen in pairs:
+        assert_identical(a.uri(f"{name}@{gen}"), b.uri(f"{name}@{remote_gen}"))
+    return len(pairs)

@@ -3,24 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from tests.helpers.processes import DeviceProcess
-from tests.interop.test_replication import wait_caught_up
-from tests.mirror_support import api, qemu_io
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[DeviceProcess, DeviceProcess]]:
-    a = DeviceProcess(data_dir=tmp_path / "a").start()
-    b = DeviceProcess(data_dir=tmp_path / "b").start()
-    yield a, b
-    for dev in (a, b):
-        if dev.proc is not None and dev.proc.poll() is None:
-            dev.stop()
+from tests.mirror_support import api, qemu_io, wait_caught_up
 
 
 def test_add_status_list_remove(pair: tuple[DeviceProcess, DeviceProcess]) -> None:

@@ -16,38 +16,16 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 
-from mirrorpool.device.device import Device
-from mirrorpool.mirror.changes import CHUNK
-
-OFFSET = 3 * CHUNK
+from tests.crash.split_child import Scene
 
 
 def main(data_dir: str, moment: str) -> None:
-    device = Device(data_dir)
-    volume = device.create_lu("lu", 32 << 20, pool=3).volume
-
-    def write(byte: bytes) -> None:
-        op = volume.begin(OFFSET, 4096)
-        volume.write(op, byte * 4096, OFFSET)
-
-    def in_sync() -> None:
-        deadline = time.monotonic() + 10
-        while volume.active is not None and volume.active.pending:
-            if time.monotonic() > deadline:
-                raise TimeoutError("resync did not finish")
-            time.sleep(0.01)
-
-    write(b"A")
-    device.triggers.trigger(["lu"], "t1")
-    in_sync()
-    write(b"B")
-    device.triggers.trigger(["lu"], "t2")
-    in_sync()
+    scene = Scene(data_dir, 32 << 20)
+    device, volume = scene.device, scene.volume
     op = volume.begin(1 << 20, 31 << 20)
     volume.zero(op, 1 << 20, 31 << 20, may_trim=False)
-    in_sync()
+    scene.in_sync()
     assert volume.journal is not None
 
     def die(*args: object, **kwargs: object) -> None:

@@ -28,27 +28,35 @@ from mirrorpool.mirror.changes import CHUNK
 OFFSET = 3 * CHUNK
 
 
-def main(data_dir: str, mode: str) -> None:
-    device = Device(data_dir)
-    volume = device.create_lu("lu", 1 << 20, pool=3).volume
+class Scene:
+    """LU ``lu`` of pool 3: "A" then trigger t1, "B" then trigger t2, each resynced."""
 
-    def write(byte: bytes) -> None:
-        op = volume.begin(OFFSET, 4096)
-        volume.write(op, byte * 4096, OFFSET)
+    def __init__(self, data_dir: str, size: int) -> None:
+        self.device = Device(data_dir)
+        self.volume = self.device.create_lu("lu", size, pool=3).volume
+        self.write(b"A")
+        self.device.triggers.trigger(["lu"], "t1")
+        self.in_sync()
+        self.write(b"B")
+        self.device.triggers.trigger(["lu"], "t2")
+        self.in_sync()
 
-    def in_sync() -> None:
+    def write(self, byte: bytes) -> None:
+        op = self.volume.begin(OFFSET, 4096)
+        self.volume.write(op, byte * 4096, OFFSET)
+
+    def in_sync(self) -> None:
+        volume = self.volume
         deadline = time.monotonic() + 10
         while volume.active is not None and volume.active.pending:
             if time.monotonic() > deadline:
                 raise TimeoutError("resync did not finish")
             time.sleep(0.01)
 
-    write(b"A")
-    device.triggers.trigger(["lu"], "t1")
-    in_sync()
-    write(b"B")
-    device.triggers.trigger(["lu"], "t2")
-    in_sync()
+
+def main(data_dir: str, mode: str) -> None:
+    scene = Scene(data_dir, 1 << 20)
+    device, volume, write = scene.device, scene.volume, scene.write
 
     finish_split = volume.finish_split
 

@@ -161,16 +161,14 @@ def _crash_in_apply_split(tmp_path: Path, moment: str) -> Device:
 
 
 def test_crash_before_the_split_record_leaves_older_generations_alone(tmp_path: Path) -> None:
-    from tests.crash.journal_order_child import OFFSET as offset
-
     device = _crash_in_apply_split(tmp_path, "before")
     try:
         volume = device.get_lu("lu").volume
         live = {m.gen: m for m in volume.live_generations()}
         if 1 in live:
-            assert _read(volume.generation_view(1), offset) == b"A", (
+            assert _read(volume.generation_view(1), OFFSET) == b"A", (
                 f"generation 1 (member {live[1].idx}) changed by the crash")
-        assert _read(volume.generation_view(2), offset) == b"B"
+        assert _read(volume.generation_view(2), OFFSET) == b"B"
     finally:
         device.close()
 
@@ -183,8 +181,6 @@ def test_crash_after_the_split_record_resyncs_the_new_active_backup(tmp_path: Pa
     primary holds "B": once in sync, the active backup must too, and so must the
     generation the next trigger makes.
     """
-    from tests.crash.journal_order_child import OFFSET as offset
-
     device = _crash_in_apply_split(tmp_path, "after")
     try:
         volume = device.get_lu("lu").volume
@@ -194,11 +190,11 @@ def test_crash_after_the_split_record_resyncs_the_new_active_backup(tmp_path: Pa
             time.sleep(0.01)
         assert not volume.active.pending
         active = bytearray(4096)
-        volume.active.store.read_into(memoryview(active), offset)
+        volume.active.store.read_into(memoryview(active), OFFSET)
         assert active[:1] == b"B", (
             f"active backup (member {volume.active.idx}) reads {active[:1]!r} after the"
             " restart, the primary b'B'")
         made = device.triggers.trigger(["lu"], "after-restart")[0]
-        assert _read(volume.generation_view(made["gen"]), offset) == b"B"
+        assert _read(volume.generation_view(made["gen"]), OFFSET) == b"B"
     finally:
         device.close()

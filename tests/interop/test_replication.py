@@ -9,10 +9,6 @@ generation for that trigger byte for byte (qemu-img compare).
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from tests.helpers.processes import DeviceProcess
 from tests.mirror_support import (
@@ -20,49 +16,15 @@ from tests.mirror_support import (
     api,
     api_trigger,
     assert_identical,
+    assert_same_cut,
+    link_status,
     lu_path,
     qemu_io,
-    wait_until,
+    remote_gens,
+    wait_caught_up,
 )
 
 SIZE = 8 * MiB
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[DeviceProcess, DeviceProcess]]:
-    a = DeviceProcess(data_dir=tmp_path / "a").start()
-    b = DeviceProcess(data_dir=tmp_path / "b").start()
-    yield a, b
-    for dev in (a, b):
-        if dev.proc is not None and dev.proc.poll() is None:
-            dev.stop()
-
-
-def link_status(a: DeviceProcess, name: str) -> dict:
-    return api(a, "GET", f"{lu_path(name)}/remote")  # type: ignore[return-value]
-
-
-def wait_caught_up(a: DeviceProcess, name: str, timeout: float = 30) -> dict:
-    def done() -> bool:
-        s = link_status(a, name)
-        return (s["state"] == "consistent" and s["connected"] and s["lag_seq"] == 0
-                and s["acked_seq"] >= s["replied_seq"] and s["journal_used"] == 0)
-
-    wait_until(done, timeout, "the remote copy to catch up")
-    return link_status(a, name)
-
-
-def remote_gens(a: DeviceProcess, name: str) -> list[dict]:
-    return api(a, "GET", f"{lu_path(name)}/remote/backups")  # type: ignore[return-value]
-
-
-def assert_same_cut(a: DeviceProcess, b: DeviceProcess, name: str) -> int:
-    """Every trigger with a generation on both sides: both read the same."""
-    pairs = [(r["gen"], r["remote_gen"]) for r in remote_gens(a, name)
-             if r["gen"] is not None and r["remote_gen"] is not None]
-    for gen, remote_gen in pairs:
-        assert_identical(a.uri(f"{name}@{gen}"), b.uri(f"{name}@{remote_gen}"))
-    return len(pairs)
 
 
 def add_link(a: DeviceProcess, b: DeviceProcess, name: str, *extra: str) -> None:

@@ -14,28 +14,23 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import nbd
 import pytest
 
 from tests.helpers.processes import DeviceProcess
-from tests.interop.test_replication import assert_same_cut, wait_caught_up
-from tests.mirror_support import MiB, api, api_trigger, assert_identical, close
+from tests.mirror_support import (
+    MiB,
+    api,
+    api_trigger,
+    assert_identical,
+    assert_same_cut,
+    close,
+    wait_caught_up,
+)
 
 SIZE = 16 * MiB
 CYCLES = ("source", "remote", "both", "source")
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[DeviceProcess, DeviceProcess]]:
-    a = DeviceProcess(data_dir=tmp_path / "a").start()
-    b = DeviceProcess(data_dir=tmp_path / "b").start()
-    yield a, b
-    for dev in (a, b):
-        if dev.proc is not None and dev.proc.poll() is None:
-            dev.stop()
 
 
 def _load(a: DeviceProcess, rng: random.Random, stop: threading.Event,

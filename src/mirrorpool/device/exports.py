@@ -150,10 +150,10 @@ class PrimaryExport(Export):
             return self.device.triggers.begin([self.name], _label(payload), "in-band")
         return None
 
-    def _after(self, ticket: object, run: Callable[[], None]) -> None:
-        """Apply a mutation; with a replication link, keep the remote copy exact."""
+    def _replicated(self, ticket: object, run: Callable[[], None]) -> None:
+        """Apply a mutation of a replicated LU, keeping the remote copy exact."""
         replicator = self.device.remotes.replicator(self.name)
-        if replicator is None:
+        if replicator is None:  # the link went away since admission
             run()
             return
         try:
@@ -169,20 +169,34 @@ class PrimaryExport(Export):
         self.volume.primary.read_into(buf, offset)
 
     def write(self, ticket: object, data: memoryview, offset: int, fua: bool) -> None:
-        self._after(ticket, lambda: self.volume.write(ticket, data, offset, fua))  # type: ignore[arg-type]
+        if self.name not in self.device.remotes:
+            self.volume.write(ticket, data, offset, fua)  # type: ignore[arg-type]
+            return
+        self._replicated(ticket, lambda: self.volume.write(ticket, data, offset, fua))  # type: ignore[arg-type]
 
     def zero(self, ticket: object, cmd: Command) -> None:
-        self._after(ticket, lambda: self.volume.zero(
-            ticket, cmd.offset, cmd.length,  # type: ignore[arg-type]
-            may_trim=not cmd.flags & CmdFlag.NO_HOLE,
-            fast=bool(cmd.flags & CmdFlag.FAST_ZERO),
-            fua=bool(cmd.flags & CmdFlag.FUA),
-        ))
+        def run() -> None:
+            self.volume.zero(
+                ticket, cmd.offset, cmd.length,  # type: ignore[arg-type]
+                may_trim=not cmd.flags & CmdFlag.NO_HOLE,
+                fast=bool(cmd.flags & CmdFlag.FAST_ZERO),
+                fua=bool(cmd.flags & CmdFlag.FUA),
+            )
+
+        if self.name in self.device.remotes:
+            self._replicated(ticket, run)
+        else:
+            run()
 
     def trim(self, ticket: object, cmd: Command) -> None:
-        self._after(ticket, lambda: self.volume.trim(
-            ticket, cmd.offset, cmd.length,  # type: ignore[arg-type]
-            bool(cmd.flags & CmdFlag.FUA)))
+        def run() -> None:
+            self.volume.trim(ticket, cmd.offset, cmd.length,  # type: ignore[arg-type]
+                             bool(cmd.flags & CmdFlag.FUA))
+
+        if self.name in self.device.remotes:
+            self._replicated(ticket, run)
+        else:
+            run()
 
     def trigger(self, ticket: object) -> dict:
         return self._answer(ticket)  # type: ignore[arg-type]

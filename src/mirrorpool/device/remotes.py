@@ -104,6 +104,9 @@ class RemoteService:
     def replicator(self, lu: str) -> Replicator | None:
         return self._replicators.get(lu)
 
+    def __contains__(self, lu: str) -> bool:
+        return lu in self._replicators
+
     # ------------------------------------------------------------ operations
 
     def add(self, name: str, device_url: str, remote_name: str | None = None,
@@ -131,8 +134,8 @@ class RemoteService:
                 replicator.dirty |= self._allocated(lu)
             else:
                 replicator.dirty |= BitMap(range((lu.size + CHUNK - 1) // CHUNK))
-            for op in list(volume.seq._inflight):
-                if op.seq is not None and op.end > op.start:
+            for op in volume.seq.numbered_inflight():
+                if op.end > op.start:
                     replicator.dirty.add_range(op.start // CHUNK, op.end // CHUNK)
         self._save(replicator)
         replicator.start()

@@ -109,7 +109,7 @@ class Sequencer:
         """Number a TRIGGER; returns it and the work admitted before it."""
         with self.lock:
             # only numbered mutations make up the prefix; copies and reads need no wait
-            earlier = [o for o in self._inflight if o.seq is not None]
+            earlier = self.numbered_inflight()
             for dep in earlier:
                 if dep.event is None:
                     dep.event = threading.Event()
@@ -137,6 +137,11 @@ class Sequencer:
             event = op.event
         if event is not None:
             event.set()
+
+    def numbered_inflight(self) -> list[Op]:
+        """Mutations and triggers admitted and not yet finished."""
+        with self.lock:
+            return [o for o in self._inflight if o.seq is not None]
 
     def inflight(self) -> int:
         with self.lock:
