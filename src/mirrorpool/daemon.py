@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 from dataclasses import dataclass
 
@@ -13,7 +14,9 @@ from mirrorpool.api.app import create_app
 from mirrorpool.device.device import Device
 from mirrorpool.errors import DeviceBusy
 from mirrorpool.metrics import IoStats
+from mirrorpool.nbd.codec import TlsMode
 from mirrorpool.nbd.server import NbdServer
+from mirrorpool.nbd.tls import TlsSetupError, server_tls_context
 from mirrorpool.net import ListenError, listen_tcp
 
 log = logging.getLogger("mirrorpool.serve")
@@ -34,6 +37,29 @@ class ServeConfig:
     workers_per_connection: int = 4
     journal_sync: bool = False
     fault_injection: bool = False
+    # None: REQUIRE when a certificate is given, else OFF.
+    tls: TlsMode | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # Clients must show a certificate signed by this CA (device-to-device links).
+    tls_ca: str | None = None
+
+
+def tls_setup(config: ServeConfig) -> tuple[TlsMode, ssl.SSLContext | None]:
+    """The TLS mode and server context the configuration asks for, or a StartError."""
+    mode = config.tls
+    if mode is None:
+        mode = TlsMode.OFF if config.tls_cert is None else TlsMode.REQUIRE
+    if mode is TlsMode.OFF:
+        if config.tls is None and (config.tls_key or config.tls_ca):
+            raise StartError("--tls-key and --tls-ca need --tls-cert")
+        return mode, None
+    if config.tls_cert is None or config.tls_key is None:
+        raise StartError(f"--tls {mode.value} needs both --tls-cert and --tls-key")
+    try:
+        return mode, server_tls_context(config.tls_cert, config.tls_key, config.tls_ca)
+    except TlsSetupError as exc:
+        raise StartError(str(exc)) from None
 
 
 class RunningDevice:
@@ -42,6 +68,8 @@ class RunningDevice:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.io_stats = IoStats()
+        # Before the device is opened: a bad certificate leaves nothing to undo.
+        self.tls_mode, tls = tls_setup(config)
         try:
             self.device = Device(config.data_dir, journal_sync=config.journal_sync,
                                  fault_injection=config.fault_injection)
@@ -54,6 +82,8 @@ class RunningDevice:
                 unix_path=config.unix_socket,
                 workers_per_connection=config.workers_per_connection,
                 io_stats=self.io_stats,
+                tls=tls,
+                tls_mode=self.tls_mode,
             )
             api_sock = listen_tcp(config.api_host, config.api_port, "the control API")
         except (ListenError, StartError) as exc:
@@ -79,6 +109,13 @@ class RunningDevice:
         self._api_thread.start()
         for address in self.nbd.addresses:
             log.info("serving NBD", extra={"address": address})
+        if self.tls_mode is TlsMode.OFF:
+            log.info("NBD TLS off: clients connect in plain text")
+        else:
+            log.info(f"NBD TLS {'required' if self.tls_mode is TlsMode.REQUIRE else 'offered'}",
+                     extra={"tls": self.tls_mode.value,
+                            "client_certificates": "required" if self.config.tls_ca
+                            else "not required"})
         log.info("serving control API", extra={"address": self.api_url,
                                                 "openapi": self.api_url + "/openapi.json"})
 

@@ -26,6 +26,7 @@ from tests.cli.conftest import (
     wait_until,
 )
 from tests.helpers.processes import MIRRORPOOL, DeviceProcess, free_port, wait_for_port
+from tests.helpers.tls import Certificates, make_certificates
 
 MIB = 1 << 20
 
@@ -39,12 +40,13 @@ def listening_socket() -> Iterator[int]:
         yield s.getsockname()[1]
 
 
-def serve_refused(data: Path, nbd_port: int, api_port: int, *extra: str) -> str:
+def serve_refused(data: Path, nbd_port: int, api_port: int, *extra: str,
+                  env: dict[str, str] | None = None) -> str:
     """Run `mirrorpool serve` that must refuse to start; its stderr, whitespace made flat."""
     result = subprocess.run(
         [MIRRORPOOL, "serve", "--data", str(data), "--listen", f"127.0.0.1:{nbd_port}",
          "--api", f"127.0.0.1:{api_port}", *extra],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env=env,
     )
     assert result.returncode != 0, result.stderr
     assert result.returncode == 1, result.stderr
@@ -224,6 +226,81 @@ def test_refuses_a_malformed_address(tmp_path: Path, option: str, value: str) ->
     assert result.returncode == 2  # a usage error
     assert "HOST:PORT" in flat(result.stderr)
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- TLS settings
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    return make_certificates(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--tls", "on"], "--tls on needs both --tls-cert and --tls-key"),
+        (["--tls-cert", "{good}/server-cert.pem"],
+         "--tls require needs both --tls-cert and --tls-key"),
+        (["--tls-key", "{good}/server-key.pem"], "--tls-key and --tls-ca need --tls-cert"),
+        (["--tls-cert", "{good}/missing.pem", "--tls-key", "{good}/server-key.pem"],
+         "TLS certificate {good}/missing.pem does not exist"),
+        (["--tls-cert", "{good}/server-cert.pem", "--tls-key", "{good}"],
+         "TLS key {good} does not exist or is not a file"),
+        (["--tls-cert", "{good}/server-cert.pem", "--tls-key", "{good}/client-key.pem"],
+         "cannot use TLS certificate {good}/server-cert.pem with key {good}/client-key.pem"),
+        (["--tls-cert", "{good}/ca-cert.pem", "--tls-key", "{good}/ca-cert.pem"],
+         "cannot use TLS certificate {good}/ca-cert.pem"),
+        (["--tls-cert", "{good}/server-cert.pem", "--tls-key", "{good}/server-key.pem",
+          "--tls-ca", "{good}/server-key.pem"], "cannot use TLS CA certificate"),
+    ],
+    ids=["on-without-cert", "cert-without-key", "key-without-cert", "missing-cert",
+         "key-is-a-directory", "key-of-another-cert", "no-key-in-file", "ca-not-a-cert"],
+)
+def test_refuses_tls_settings_it_cannot_use(
+    tmp_path: Path, certs: Certificates, args: list[str], expected: str
+) -> None:
+    good = str(certs.good)
+    err = serve_refused(tmp_path / "data", free_port(), free_port(),
+                        *(a.format(good=good) for a in args))
+    assert expected.format(good=good) in err, err
+    assert not (tmp_path / "data").exists()  # refused before the device was opened
+
+
+def test_refuses_an_unknown_tls_mode(tmp_path: Path) -> None:
+    result = subprocess.run([MIRRORPOOL, "serve", "--data", str(tmp_path / "d"), "--tls", "yes"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--tls" in flat(result.stderr) and "Traceback" not in result.stderr
+
+
+def test_tls_comes_from_the_environment(
+    tmp_path: Path, certs: Certificates, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {**os.environ, "MIRRORPOOL_TLS": "on"}
+    err = serve_refused(tmp_path / "data", free_port(), free_port(), env=env)
+    assert "--tls on needs both --tls-cert and --tls-key" in err
+    # a certificate alone makes TLS required (DeviceProcess passes the environment on)
+    monkeypatch.setenv("MIRRORPOOL_TLS_CERT", str(certs.good / "server-cert.pem"))
+    monkeypatch.setenv("MIRRORPOOL_TLS_KEY", str(certs.good / "server-key.pem"))
+    monkeypatch.setenv("MIRRORPOOL_TLS_CA", str(certs.good / "ca-cert.pem"))
+    dev = DeviceProcess(data_dir=tmp_path / "data")
+    try:
+        start(dev)
+        log = dev.log_text()
+        assert f"serving NBD address=nbds://127.0.0.1:{dev.nbd_port}" in log
+        assert "NBD TLS required tls=require client_certificates=required" in log
+        status, body = dev.request("GET", "/v1/status")
+        assert status == 200
+        assert body["nbd"] == [f"nbds://127.0.0.1:{dev.nbd_port}"]  # type: ignore[index]
+    finally:
+        assert dev.stop() == 0
+
+
+def test_logs_that_tls_is_off(fresh_device: DeviceProcess) -> None:
+    start(fresh_device)
+    assert "NBD TLS off" in fresh_device.log_text()
+    assert fresh_device.stop() == 0
 
 
 # ---------------------------------------------------------------- Unix socket

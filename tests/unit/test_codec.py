@@ -26,9 +26,12 @@ from mirrorpool.nbd.codec import (
     MetaContextOption,
     Payload,
     ProtocolError,
+    RefusedOption,
     ServerCodec,
+    StartTlsOption,
     State,
     StructuredReplyOption,
+    TlsMode,
     UnsupportedOption,
     check_command,
     export_flags,
@@ -81,8 +84,8 @@ def request(typ: int, offset: int = 0, length: int = 0, flags: int = 0, cookie: 
     return magic + u16(flags) + u16(typ) + u64(cookie) + u64(offset) + u32(length)
 
 
-def in_options(client_flags: int = 1) -> ServerCodec:
-    codec = ServerCodec()
+def in_options(client_flags: int = 1, tls: TlsMode = TlsMode.OFF) -> ServerCodec:
+    codec = ServerCodec(tls=tls)
     codec.receive_data(u32(client_flags))
     assert isinstance(codec.next_event(), ClientFlags)
     assert codec.state is State.OPTIONS
@@ -246,7 +249,7 @@ def test_meta_context_without_queries() -> None:
 
 
 @pytest.mark.parametrize(
-    "opt", [OPT_PEEK_EXPORT, OPT_STARTTLS, OPT_EXTENDED_HEADERS, 0x1234, 0xFFFF_FFFF]
+    "opt", [OPT_PEEK_EXPORT, OPT_EXTENDED_HEADERS, 0x1234, 0xFFFF_FFFF]
 )
 def test_unknown_option_is_skipped(opt: int) -> None:
     codec = in_options()
@@ -255,6 +258,119 @@ def test_unknown_option_is_skipped(opt: int) -> None:
     assert codec.next_event() == UnsupportedOption(opt)
     assert codec.state is State.OPTIONS
     assert codec.next_event() == ListOption()
+
+
+# ---------------------------------------------------------------- TLS
+
+# Option reply types spelled out from the spec.
+REP_ERR_POLICY = 2**31 + 2
+REP_ERR_INVALID = 2**31 + 3
+REP_ERR_TLS_REQD = 2**31 + 5
+
+
+def test_starttls_without_tls_is_refused_by_policy() -> None:
+    codec = in_options()
+    codec.receive_data(option(OPT_STARTTLS) + option(OPT_LIST))
+    event = codec.next_event()
+    assert isinstance(event, RefusedOption)
+    assert (event.option, event.reply) == (OPT_STARTTLS, REP_ERR_POLICY)
+    assert codec.next_event() == ListOption()  # negotiation goes on in plain text
+    with pytest.raises(ProtocolError):
+        codec.start_tls()
+
+
+@pytest.mark.parametrize("mode", list(TlsMode))
+def test_starttls_with_data_is_invalid(mode: TlsMode) -> None:
+    codec = in_options(tls=mode)
+    codec.receive_data(option(OPT_STARTTLS, b"x"))
+    event = codec.next_event()
+    assert isinstance(event, InvalidOption) and event.option == OPT_STARTTLS
+    assert codec.state is State.OPTIONS and not codec.tls_active
+
+
+@pytest.mark.parametrize("mode", [TlsMode.ON, TlsMode.REQUIRE])
+def test_starttls_then_a_second_one_is_invalid(mode: TlsMode) -> None:
+    codec = in_options(tls=mode)
+    codec.receive_data(option(OPT_STRUCTURED_REPLY) + option(OPT_STARTTLS))
+    if mode is TlsMode.ON:
+        assert codec.next_event() == StructuredReplyOption()
+        assert codec.structured_replies
+    else:
+        assert isinstance(codec.next_event(), RefusedOption)
+    assert codec.next_event() == StartTlsOption()
+    assert codec.next_event() is NEED_DATA
+    codec.start_tls()
+    assert codec.tls_active
+    assert not codec.structured_replies  # nothing from before TLS survives it
+    codec.receive_data(option(OPT_STARTTLS) + option(OPT_GO, go_data("d")))
+    event = codec.next_event()
+    assert isinstance(event, InvalidOption) and event.option == OPT_STARTTLS
+    assert codec.next_event() == GoOption("d", (), go=True)
+
+
+@pytest.mark.parametrize(
+    ("opt", "data"),
+    [
+        (OPT_LIST, b""),
+        (OPT_INFO, go_data("d")),
+        (OPT_GO, go_data("d")),
+        (OPT_GO, b"\xff"),  # malformed too: TLS comes first
+        (OPT_STRUCTURED_REPLY, b""),
+        (OPT_SET_META, meta_data("d", "base:allocation")),
+        (OPT_PEEK_EXPORT, b""),
+        (0x1234, b"abc"),
+    ],
+)
+def test_require_refuses_every_option_before_tls(opt: int, data: bytes) -> None:
+    codec = in_options(tls=TlsMode.REQUIRE)
+    codec.receive_data(option(opt, data))
+    event = codec.next_event()
+    assert isinstance(event, RefusedOption)
+    assert (event.option, event.reply) == (opt, REP_ERR_TLS_REQD)
+    assert not codec.structured_replies
+    assert codec.state is State.OPTIONS
+
+
+def test_require_lets_abort_through_before_tls() -> None:
+    codec = in_options(tls=TlsMode.REQUIRE)
+    codec.receive_data(option(OPT_ABORT))
+    assert codec.next_event() == AbortOption()
+    assert codec.state is State.CLOSED
+
+
+def test_require_closes_on_export_name_before_tls() -> None:
+    codec = in_options(tls=TlsMode.REQUIRE)
+    codec.receive_data(option(OPT_EXPORT_NAME, b"d"))
+    with pytest.raises(ProtocolError):
+        codec.next_event()
+    assert codec.state is State.CLOSED
+
+
+def test_require_allows_export_name_after_tls() -> None:
+    codec = in_options(tls=TlsMode.REQUIRE)
+    codec.receive_data(option(OPT_STARTTLS))
+    assert codec.next_event() == StartTlsOption()
+    codec.start_tls()
+    codec.receive_data(option(OPT_EXPORT_NAME, b"d"))
+    assert codec.next_event() == ExportNameOption("d")
+
+
+def test_on_mode_serves_plain_options() -> None:
+    codec = in_options(tls=TlsMode.ON)
+    codec.receive_data(option(OPT_LIST) + option(OPT_GO, go_data("d")))
+    assert codec.next_event() == ListOption()
+    assert codec.next_event() == GoOption("d", (), go=True)
+
+
+def test_bytes_behind_starttls_are_refused() -> None:
+    # Anything sent after STARTTLS but before the handshake is plain text that
+    # would otherwise be taken as coming over TLS.
+    codec = in_options(tls=TlsMode.ON)
+    codec.receive_data(option(OPT_STARTTLS) + option(OPT_LIST))
+    assert codec.next_event() == StartTlsOption()
+    with pytest.raises(ProtocolError):
+        codec.start_tls()
+    assert codec.state is State.CLOSED and not codec.tls_active
 
 
 MALFORMED = [

@@ -24,9 +24,12 @@ from mirrorpool.nbd.codec import (
     MetaContextOption,
     Payload,
     ProtocolError,
+    RefusedOption,
     ServerCodec,
+    StartTlsOption,
     State,
     StructuredReplyOption,
+    TlsMode,
     UnsupportedOption,
 )
 
@@ -34,7 +37,8 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 
 IHAVEOPT = b"IHAVEOPT"
 REQUEST_MAGIC = bytes.fromhex("25609513")
-KNOWN_OPTIONS = {1, 2, 3, 6, 7, 8, 9, 10}
+# STARTTLS (5) is known too: refused by policy when TLS is off, the codec's default.
+KNOWN_OPTIONS = {1, 2, 3, 5, 6, 7, 8, 9, 10}
 
 
 def u16(n: int) -> bytes:
@@ -374,3 +378,26 @@ def test_mutated_options_never_break_framing(
             assert event.option == opt
         if must_be_invalid:
             assert isinstance(event, InvalidOption), (event, wire)
+
+
+# ---------------------------------------------------------------- TLS required
+
+
+@FUZZ
+@given(frames=st.lists(OPTION_FRAMES, max_size=10), cuts=st.lists(st.integers(0, 1024),
+                                                                   max_size=10))
+def test_require_mode_serves_nothing_before_tls(frames: list[bytes], cuts: list[int]) -> None:
+    """Before STARTTLS, a FORCEDTLS codec yields refusals, ABORT or STARTTLS, never an export."""
+    codec = ServerCodec(tls=TlsMode.REQUIRE)
+    try:
+        for chunk in split(u32(1) + b"".join(frames), cuts):
+            codec.receive_data(chunk)
+            while (event := codec.next_event()) is not NEED_DATA:
+                if isinstance(event, StartTlsOption | AbortOption | ConnectionClosed):
+                    return
+                assert isinstance(event, ClientFlags | RefusedOption | InvalidOption), event
+                if isinstance(event, InvalidOption):  # only a STARTTLS carrying data
+                    assert event.option == 5
+    except ProtocolError:
+        assert codec.state is State.CLOSED
+    assert not codec.structured_replies

@@ -9,6 +9,7 @@ import typer
 from mirrorpool.cli.api_client import fail
 from mirrorpool.daemon import ServeConfig, StartError, serve
 from mirrorpool.logs import setup_logging
+from mirrorpool.nbd.codec import TlsMode
 
 
 def _host_port(text: str, what: str) -> tuple[str, int]:
@@ -33,6 +34,17 @@ def serve_command(
         "--journal-sync", help="flush each new write-intent entry (survives power loss)")] = False,
     fault_injection: Annotated[bool, typer.Option(
         "--fault-injection", help="allow /v1/lus/NAME/faults (for testing)")] = False,
+    tls: Annotated[TlsMode | None, typer.Option(
+        "--tls", envvar="MIRRORPOOL_TLS", case_sensitive=False,
+        help="NBD over TLS: off, on (offered) or require (the default with --tls-cert; "
+             "else off)")] = None,
+    tls_cert: Annotated[str | None, typer.Option(
+        "--tls-cert", envvar="MIRRORPOOL_TLS_CERT", help="server certificate (PEM)")] = None,
+    tls_key: Annotated[str | None, typer.Option(
+        "--tls-key", envvar="MIRRORPOOL_TLS_KEY", help="key of --tls-cert (PEM)")] = None,
+    tls_ca: Annotated[str | None, typer.Option(
+        "--tls-ca", envvar="MIRRORPOOL_TLS_CA",
+        help="require client certificates signed by this CA (PEM)")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning")] = "info",
     log_format: Annotated[str, typer.Option("--log-format", help="text or json")] = "text",
 ) -> None:
@@ -44,6 +56,7 @@ def serve_command(
         data_dir=data, nbd_host=nbd_host, nbd_port=nbd_port, unix_socket=unix,
         api_host=api_host, api_port=api_port, workers_per_connection=workers,
         journal_sync=journal_sync, fault_injection=fault_injection,
+        tls=tls, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
     )
     try:
         serve(config)

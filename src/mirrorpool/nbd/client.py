@@ -2,7 +2,7 @@
 
 Requests are sent one at a time and answered in order, which is enough for
 copying and triggering.  It speaks fixed newstyle with NBD_OPT_GO, structured
-replies and meta contexts.
+replies and meta contexts, and TLS (NBD_OPT_STARTTLS) for nbds:// URIs.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import ssl
 import struct
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlparse
@@ -37,6 +38,7 @@ from mirrorpool.nbd.constants import (
     Rep,
     ReplyType,
 )
+from mirrorpool.nbd.tls import TlsSetupError, client_tls_context, client_tls_context_from_dir
 
 REPLY_TYPE_TRIGGER = 0x4D50
 
@@ -53,25 +55,42 @@ class Address:
     port: int
     socket_path: str | None
     export: str
+    tls: bool = False
+    # libnbd's ?tls-certificates=DIR: ca-cert.pem, client-cert.pem, client-key.pem
+    tls_certificates: str | None = None
 
 
 def parse_uri(uri: str) -> Address:
-    """nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH."""
+    """nbd[s]://HOST[:PORT]/EXPORT or nbd[s]+unix:///EXPORT?socket=PATH; nbds: TLS required."""
     parsed = urlparse(uri)
     export = unquote(parsed.path[1:]) if parsed.path.startswith("/") else unquote(parsed.path)
-    if parsed.scheme == "nbd":
-        return Address(parsed.hostname or "127.0.0.1", parsed.port or 10809, None, export)
-    if parsed.scheme == "nbd+unix":
-        path = parse_qs(parsed.query).get("socket", [None])[0]
+    query = parse_qs(parsed.query)
+    scheme, tls = parsed.scheme, parsed.scheme.startswith("nbds")
+    certificates = query.get("tls-certificates", [None])[0]
+    if scheme in ("nbd", "nbds"):
+        return Address(parsed.hostname or "127.0.0.1", parsed.port or 10809, None, export, tls,
+                       certificates)
+    if scheme in ("nbd+unix", "nbds+unix"):
+        path = query.get("socket", [None])[0]
         if not path:
-            raise NbdError(f"{uri}: nbd+unix needs ?socket=PATH")
-        return Address(None, 0, path, export)
-    raise NbdError(f"{uri}: not an nbd:// or nbd+unix:// URI")
+            raise NbdError(f"{uri}: {scheme} needs ?socket=PATH")
+        return Address(None, 0, path, export, tls, certificates)
+    raise NbdError(f"{uri}: not an nbd://, nbds://, nbd+unix:// or nbds+unix:// URI")
 
 
 class NbdClient:
-    def __init__(self, uri: str, contexts: tuple[str, ...] = (), timeout: float = 60) -> None:
+    def __init__(self, uri: str, contexts: tuple[str, ...] = (), timeout: float = 60,
+                 tls: ssl.SSLContext | None = None) -> None:
+        """Connect and negotiate.  TLS is used, and required, with an nbds URI or a
+        ``tls`` context; without a context one is made from the URI's
+        ?tls-certificates=DIR, else the system's CAs verify the server."""
         addr = parse_uri(uri)
+        if addr.tls and tls is None:
+            try:
+                tls = (client_tls_context_from_dir(addr.tls_certificates)
+                       if addr.tls_certificates else client_tls_context())
+            except TlsSetupError as exc:
+                raise NbdError(f"{uri}: {exc}") from None
         if addr.socket_path:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.settimeout(timeout)
@@ -83,18 +102,25 @@ class NbdClient:
         self.export = addr.export
         self.contexts: dict[int, str] = {}
         self._cookie = 0
+        self.tls_active = False
         try:
-            self._handshake(contexts)
-        except BaseException:
+            self._handshake(contexts, tls, addr.host or "localhost")
+        except BaseException as exc:
             self._reader.close()
             self.sock.close()
+            if isinstance(exc, ssl.SSLError):  # e.g. our certificate refused after the handshake
+                raise NbdError(f"TLS: {exc}") from None
             raise
 
     # ------------------------------------------------------------ handshake
 
     def _recv(self, n: int) -> bytes:
         # buffered: a reply header is several small reads, one system call in all
-        data = self._reader.read(n)
+        try:
+            data = self._reader.read(n)
+        except ssl.SSLError as exc:
+            # TLS 1.3 servers refuse a client certificate after the handshake, here
+            raise NbdError(f"TLS: {exc}") from None
         if len(data) < n:
             raise NbdError("server closed the connection")
         return data
@@ -108,11 +134,14 @@ class NbdClient:
             raise NbdError("bad option reply from server")
         return reply, self._recv(length)
 
-    def _handshake(self, contexts: tuple[str, ...]) -> None:
+    def _handshake(self, contexts: tuple[str, ...], tls: ssl.SSLContext | None,
+                   host: str) -> None:
         magic, ihaveopt, _flags = struct.unpack(">QQH", self._recv(18))
         if magic != NBDMAGIC or ihaveopt != IHAVEOPT:
             raise NbdError("not an NBD newstyle server")
         self.sock.sendall(struct.pack(">I", ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES))
+        if tls is not None:
+            self._start_tls(tls, host)
         self._option(Opt.STRUCTURED_REPLY)
         reply, _ = self._option_reply(Opt.STRUCTURED_REPLY)
         self.structured = reply == Rep.ACK
@@ -145,6 +174,24 @@ class NbdClient:
             raise NbdError(
                 f"export {self.export!r}: {data.decode(errors='replace') or 'refused'}", reply
             )
+
+    def _start_tls(self, tls: ssl.SSLContext, host: str) -> None:
+        # First of all options, so that none of them travels in plain text.
+        self._option(Opt.STARTTLS)
+        reply, data = self._option_reply(Opt.STARTTLS)
+        if reply != Rep.ACK:
+            # No fallback to plain text: that is what a downgrade attack would want.
+            why = data.decode(errors="replace") or f"reply 0x{reply:x}"
+            raise NbdError(f"server refused TLS: {why}", reply)
+        # The server sends nothing between its ACK and our ClientHello, so the
+        # buffered reader holds nothing that would be lost with it.
+        self._reader.close()
+        try:
+            self.sock = tls.wrap_socket(self.sock, server_hostname=host)
+        except ssl.SSLError as exc:  # certificate checks included
+            raise NbdError(f"TLS handshake with {host} failed: {exc}") from None
+        self._reader = self.sock.makefile("rb", buffering=1 << 16)
+        self.tls_active = True
 
     @property
     def can_trigger(self) -> bool:

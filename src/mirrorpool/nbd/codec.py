@@ -116,8 +116,22 @@ class MetaContextOption:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTlsOption:
+    """NBD_OPT_STARTTLS the server must accept: answer ACK, then call ``start_tls``."""
+
+
+@dataclass(frozen=True, slots=True)
 class UnsupportedOption:
     option: int
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedOption:
+    """An option the codec turned down by TLS policy: answered with ``reply``."""
+
+    option: int
+    reply: Rep
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +163,14 @@ class ConnectionClosed:
     pass
 
 
+class TlsMode(Enum):
+    """The server's TLS policy; ON and REQUIRE are the spec's SELECTIVETLS and FORCEDTLS."""
+
+    OFF = "off"
+    ON = "on"
+    REQUIRE = "require"
+
+
 Event = (
     ClientFlags
     | ExportNameOption
@@ -157,7 +179,9 @@ Event = (
     | AbortOption
     | StructuredReplyOption
     | MetaContextOption
+    | StartTlsOption
     | UnsupportedOption
+    | RefusedOption
     | InvalidOption
     | Command
     | Payload
@@ -176,7 +200,9 @@ _TRANSITIONS: dict[tuple[State, type], State] = {
     (State.OPTIONS, ListOption): State.OPTIONS,
     (State.OPTIONS, StructuredReplyOption): State.OPTIONS,
     (State.OPTIONS, MetaContextOption): State.OPTIONS,
+    (State.OPTIONS, StartTlsOption): State.OPTIONS,
     (State.OPTIONS, UnsupportedOption): State.OPTIONS,
+    (State.OPTIONS, RefusedOption): State.OPTIONS,
     (State.OPTIONS, InvalidOption): State.OPTIONS,
     (State.OPTIONS, AbortOption): State.CLOSED,
     (State.OPTIONS, _EnterTransmission): State.TRANSMISSION,
@@ -195,6 +221,8 @@ class ServerCodec:
     """One NBD server connection, from greeting to close, without I/O."""
 
     state: State = State.CLIENT_FLAGS
+    tls: TlsMode = TlsMode.OFF
+    tls_active: bool = False
     no_zeroes: bool = False
     structured_replies: bool = False
     # Commands whose length is followed by a payload (extensions may add to it).
@@ -276,6 +304,19 @@ class ServerCodec:
             raise ProtocolError(f"cannot enter transmission from {self.state.name}")
         self._move(_EnterTransmission)
 
+    def start_tls(self) -> None:
+        """The ACK to STARTTLS is sent: from here on every byte travels inside TLS."""
+        if self.state is not State.OPTIONS or self.tls is TlsMode.OFF or self.tls_active:
+            raise ProtocolError("TLS cannot start here")
+        if self._buffer:
+            # Plain bytes sent behind STARTTLS would be read as if they came over
+            # TLS: an injection, as in the STARTTLS flaws of mail servers.
+            self.state = State.CLOSED
+            raise ProtocolError("data sent after NBD_OPT_STARTTLS before the TLS handshake")
+        self.tls_active = True
+        # The spec wants nothing negotiated in plain text to survive the upgrade.
+        self.structured_replies = False
+
     def close(self) -> None:
         self.state = State.CLOSED
 
@@ -326,7 +367,7 @@ class ServerCodec:
         data = bytes(self._buffer[OPTION_HEADER.size : end])
         del self._buffer[:end]
         try:
-            event = _parse_option(option, data)
+            event = self._tls_verdict(option, data) or _parse_option(option, data)
         except ProtocolError:
             self.state = State.CLOSED
             raise
@@ -334,6 +375,24 @@ class ServerCodec:
             self.structured_replies = True
         self._move(type(event))
         return event
+
+
+    def _tls_verdict(self, option: int, data: bytes) -> Event | None:
+        """What TLS policy says about an option before it is parsed; None: parse it."""
+        if option == Opt.STARTTLS:
+            if data:
+                return InvalidOption(option, "NBD_OPT_STARTTLS takes no data")
+            if self.tls is TlsMode.OFF:
+                return RefusedOption(option, Rep.ERR_POLICY, "TLS is not enabled on this server")
+            if self.tls_active:
+                return InvalidOption(option, "TLS is already active")
+            return StartTlsOption()
+        if self.tls is TlsMode.REQUIRE and not self.tls_active and option != Opt.ABORT:
+            if option == Opt.EXPORT_NAME:  # it has no error reply: all we can do is hang up
+                raise ProtocolError("NBD_OPT_EXPORT_NAME before TLS on a server that requires it")
+            return RefusedOption(option, Rep.ERR_TLS_REQD,
+                                 "this server requires TLS: send NBD_OPT_STARTTLS first")
+        return None
 
 
 # ------------------------------------------------------------ option parsing
@@ -575,10 +634,13 @@ __all__ = [
     "MetaContextOption",
     "Payload",
     "ProtocolError",
+    "RefusedOption",
     "Rep",
     "ServerCodec",
+    "StartTlsOption",
     "State",
     "StructuredReplyOption",
+    "TlsMode",
     "UnsupportedOption",
     "check_command",
     "export_flags",

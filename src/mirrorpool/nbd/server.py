@@ -16,6 +16,7 @@ import logging
 import mmap
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -120,7 +121,19 @@ class NbdServer:
         workers_per_connection: int = 4,
         resolve: Callable[[Device, str], Export | None] = resolve_export,
         io_stats: IoStats | None = None,
+        tls: ssl.SSLContext | None = None,
+        tls_mode: c.TlsMode | None = None,
     ) -> None:
+        """``tls`` is the server-side context; with it, TLS is required unless
+        ``tls_mode`` says ON (offered, plain text still served)."""
+        if tls_mode is None:
+            tls_mode = c.TlsMode.OFF if tls is None else c.TlsMode.REQUIRE
+        if tls_mode is not c.TlsMode.OFF and tls is None:
+            raise ValueError(f"TLS mode {tls_mode.value} needs a TLS context")
+        self.tls = tls
+        self.tls_mode = tls_mode
+        # nbds:// tells clients that only TLS will do (libnbd's URI convention).
+        self._scheme = "nbds" if tls_mode is c.TlsMode.REQUIRE else "nbd"
         self.device = device
         self.io_stats = io_stats or IoStats()
         self.workers_per_connection = max(1, workers_per_connection)
@@ -141,7 +154,7 @@ class NbdServer:
         self._listeners.append(sock)
         bound = sock.getsockname()
         self.port = bound[1]
-        self.addresses.append(f"nbd://{host}:{bound[1]}")
+        self.addresses.append(f"{self._scheme}://{host}:{bound[1]}")
 
     def _listen_unix(self, path: str) -> None:
         if os.path.exists(path):
@@ -164,7 +177,7 @@ class NbdServer:
         sock.listen(128)
         self._listeners.append(sock)
         self.unix_path = path
-        self.addresses.append(f"nbd+unix:///?socket={path}")
+        self.addresses.append(f"{self._scheme}+unix:///?socket={path}")
 
     def start(self) -> None:
         for sock in self._listeners:
@@ -222,7 +235,7 @@ class Connection:
         self.server = server
         self.sock = sock
         self.peer = peer
-        self.codec = c.ServerCodec()
+        self.codec = c.ServerCodec(tls=server.tls_mode)
         self.finished = threading.Event()
         self._send_lock = threading.Lock()
         self._closing = False
@@ -256,8 +269,13 @@ class Connection:
     def disconnect(self) -> None:
         """End the connection from the device's side (shutdown, forced delete)."""
         self._closing = True
+        self._shutdown(socket.SHUT_RDWR)
+
+    def _shutdown(self, how: int) -> None:
+        # The plain socket's shutdown even under TLS: SSLSocket.shutdown drops its TLS
+        # state, which the reading thread may be using at this very moment.
         with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+            socket.socket.shutdown(self.sock, how)
 
     # ---------------------------------------------------------------- negotiation
 
@@ -333,6 +351,12 @@ class Connection:
         if isinstance(event, c.MetaContextOption):
             self._answer_meta_context(event)
             return None
+        if isinstance(event, c.StartTlsOption):
+            self._start_tls()
+            return None
+        if isinstance(event, c.RefusedOption):
+            self._refuse(event.option, event.reply, event.reason)
+            return None
         if isinstance(event, c.InvalidOption):
             self._refuse(event.option, Rep.ERR_INVALID, event.reason)
             return None
@@ -340,6 +364,21 @@ class Connection:
             self._refuse(event.option, Rep.ERR_UNSUP, f"option {event.option} is not supported")
             return None
         raise c.ProtocolError(f"unexpected event {event!r}")
+
+    def _start_tls(self) -> None:
+        self._reply(Opt.STARTTLS, Rep.ACK)
+        self.codec.start_tls()
+        # Meta contexts chosen in plain text do not survive the upgrade (the spec).
+        self._contexts = {}
+        self._context_export = None
+        assert self.server.tls is not None
+        try:
+            # The socket's negotiation timeout bounds the handshake too.
+            self.sock = self.server.tls.wrap_socket(self.sock, server_side=True)
+        except OSError as exc:  # ssl.SSLError is one
+            raise c.ProtocolError(f"TLS handshake failed: {exc}") from None
+        # SSLSocket has no sendmsg; the plain path keeps its own, untouched.
+        self._send = self._send_joined  # type: ignore[method-assign]
 
     def _answer_meta_context(self, event: c.MetaContextOption) -> None:
         opt = Opt.SET_META_CONTEXT if event.set else Opt.LIST_META_CONTEXT
@@ -366,7 +405,7 @@ class Connection:
         self._reply(opt, Rep.ACK)
 
     def _enter(self, export: Export) -> Export:
-        if self._context_export != export.name:
+        if self._context_export != export.wire_name:
             self._contexts = {}  # contexts chosen for another export do not apply
         export.attach()
         if export.lu is not None:
@@ -381,7 +420,8 @@ class Connection:
             self.codec.payload_commands = frozenset({Cmd.WRITE, Cmd.TRIGGER})
         self.codec.enter_transmission()
         self.export = export
-        log.info("client connected", extra={"peer": self.peer, "export": export.name})
+        log.info("client connected", extra={"peer": self.peer, "export": export.name,
+                                             "tls": self.codec.tls_active})
         return export
 
     # ---------------------------------------------------------------- transmission
@@ -564,8 +604,7 @@ class Connection:
 
     def _close_transmission(self) -> None:
         self._closing = True
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RD)
+        self._shutdown(socket.SHUT_RD)
 
     def _drain(self, n: int) -> None:
         if n > MAX_DRAIN:
@@ -590,6 +629,12 @@ class Connection:
             if sent < total:
                 rest = b"".join(bytes(p) for p in parts)[sent:]
                 self.sock.sendall(rest)
+
+    def _send_joined(self, *parts: bytes | memoryview) -> None:
+        """``_send`` over TLS: one buffer, so the parts share TLS records."""
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        with self._send_lock:
+            self.sock.sendall(data)
 
     def _serve(
         self, cmd: c.Command, view: memoryview, verdict: tuple[Errno, str], ticket: object,
