@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 debs=(python3 python3-venv python3-pip)
 extras=""
 if [[ "${1:-}" == "--test" ]]; then
-    debs+=(qemu-utils libnbd-bin python3-libnbd nbdkit fio qemu-system-common iproute2)
+    debs+=(qemu-utils libnbd-bin python3-libnbd nbdkit fio qemu-system-common iproute2 openssl)
     extras="[test]"
 fi
 
