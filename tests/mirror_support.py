@@ -39,9 +39,9 @@ def run(cmd: list[str], *, timeout: float = 60, check: bool = True) -> subproces
     return result
 
 
-def qemu_io(target: str, *commands: str) -> str:
+def qemu_io(target: str, *commands: str, read_only: bool = False) -> str:
     """qemu-io commands in one session on an NBD URI or a raw file; fail on any failure."""
-    args = ["qemu-io", "-f", "raw", target]
+    args = ["qemu-io", "-f", "raw", *(["-r"] if read_only else []), target]
     for command in commands:
         args += ["-c", command]
     result = run(args, check=False)

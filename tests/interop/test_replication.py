@@ -21,6 +21,7 @@ from tests.mirror_support import (
     lu_path,
     qemu_io,
     remote_gens,
+    run,
     wait_caught_up,
 )
 
@@ -76,9 +77,12 @@ def test_sync_link_has_each_write_on_the_remote_device_when_acknowledged(
     for i in range(5):
         qemu_io(a.uri("s"), f"write -P {0x40 + i} {i * MiB} 64k")
         # acknowledged to qemu-io: already on B, with no wait
-        qemu_io(b.uri("s"), f"read -P {0x40 + i} {i * MiB} 64k")
+        qemu_io(b.uri("s"), f"read -P {0x40 + i} {i * MiB} 64k", read_only=True)
     status = link_status(a, "s")
     assert status["mode"] == "sync" and not status["degraded"]
+    # the copy takes writes from its link only: hosts on B get it read-only
+    refused = run(["qemu-io", "-f", "raw", "-c", "write 0 4k", b.uri("s")], check=False)
+    assert refused.returncode != 0 and b"ermission denied" in refused.stdout + refused.stderr
 
 
 def test_link_resumes_after_the_remote_device_restarts(

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mirrorpool import __version__
@@ -22,7 +22,10 @@ from mirrorpool.api.models import (
     LuInfo,
     LuResize,
     LuSettings,
+    PromoteRequest,
     RemoteAdd,
+    RemoteResync,
+    ReplicaOf,
     RestoreRequest,
     TriggerAnswer,
     TriggerRequest,
@@ -31,6 +34,7 @@ from mirrorpool.device.check import check_device
 from mirrorpool.device.device import Device
 from mirrorpool.errors import InvalidRequest, MirrorpoolError
 from mirrorpool.metrics import IoStats, make_registry
+from mirrorpool.replication.link import LinkOptions
 from mirrorpool.store.fault import FaultRule
 
 _ERRORS = {400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}}
@@ -68,6 +72,7 @@ def create_app(
     def status() -> DeviceStatus:
         return DeviceStatus(
             version=__version__,
+            device_id=device.device_id,
             pid=os.getpid(),
             data_dir=device.data_dir,
             nbd=nbd_addresses or [],
@@ -148,8 +153,39 @@ def create_app(
 
     @app.post("/v1/lus/{name}/remote", status_code=201, responses=_ERRORS)
     def add_remote(name: str, body: RemoteAdd) -> dict:
+        options = LinkOptions(sync_timeout=body.sync_timeout, link_timeout=body.link_timeout,
+                              give_up_after=body.give_up_after, nbd_address=body.nbd_address,
+                              tls_ca=body.tls_ca, tls_cert=body.tls_cert, tls_key=body.tls_key)
         return device.remotes.add(name, body.device, body.remote_name, body.remote_pool,
-                                  body.mode, body.journal_limit)
+                                  body.mode, body.journal_limit, options)
+
+    @app.post("/v1/lus/{name}/remote/resync", status_code=202, responses=_ERRORS)
+    def resync_remote(name: str, body: RemoteResync) -> dict:
+        if not body.reverse:
+            return {"state": "done", "result": device.remotes.resync(name), "id": None}
+        device.remotes.check_reverse(name, body.force)
+        job = jobs.start("resync-reverse", name, lambda progress: device.remotes.resync(
+            name, True, body.force, progress))
+        return job.as_dict()
+
+    @app.put("/v1/lus/{name}/replica-of", responses=_ERRORS)
+    def accept_source(name: str, body: ReplicaOf) -> dict:
+        return device.remotes.accept_source(name, body.source_device, body.source_lu,
+                                            body.source_uuid)
+
+    @app.get("/v1/lus/{name}/replica-of", responses=_ERRORS)
+    def replica_of(name: str) -> dict:
+        return device.remotes.copy_status(name)
+
+    @app.post("/v1/lus/{name}/promote", responses=_ERRORS)
+    def promote(name: str, body: PromoteRequest | None = None) -> dict:
+        return device.remotes.promote(name, (body or PromoteRequest()).gen)
+
+    @app.get("/v1/lus/{name}/checksums", response_class=Response, responses=_ERRORS)
+    def checksums(name: str, offset: int = 0, length: int = Query(...)) -> Response:
+        """16-byte BLAKE2b digests of each 4 KiB chunk of the range, back to back."""
+        return Response(device.remotes.checksums(name, offset, length),
+                        media_type="application/octet-stream")
 
     @app.get("/v1/lus/{name}/remote", responses=_ERRORS)
     def remote_status(name: str) -> dict:

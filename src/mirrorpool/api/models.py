@@ -57,6 +57,7 @@ class LuInfo(BaseModel):
 
 class DeviceStatus(BaseModel):
     version: str
+    device_id: str
     pid: int
     data_dir: str
     nbd: list[str]
@@ -129,3 +130,32 @@ class RemoteAdd(BaseModel):
     remote_pool: int = Field(3, ge=1, le=64, description="pool size of a remote LU created now")
     mode: str = Field("async", description="async | sync")
     journal_limit: Size = Field(1 << 30, description="replication journal limit, bytes")
+    sync_timeout: float = Field(5.0, gt=0, le=3600,
+                                description="sync mode: seconds to wait for the remote device "
+                                            "before going on as async")
+    link_timeout: float = Field(30.0, gt=0, le=3600,
+                                description="seconds without an answer before the link is "
+                                            "taken as down")
+    give_up_after: float = Field(600.0, gt=0,
+                                 description="seconds the link may be down before the journal "
+                                             "is dropped for changed-block tracking")
+    nbd_address: str | None = Field(None, description="HOST:PORT of the remote device's NBD "
+                                                      "server, if not the one it reports")
+    tls_ca: str | None = Field(None, description="CA file to verify the remote device with")
+    tls_cert: str | None = Field(None, description="this device's client certificate file")
+    tls_key: str | None = Field(None, description="this device's client key file")
+
+
+class ReplicaOf(BaseModel):
+    source_device: str = Field(description="the source device's id")
+    source_lu: str
+    source_uuid: str
+
+
+class PromoteRequest(BaseModel):
+    gen: int | None = Field(None, description="make this generation the primary's data")
+
+
+class RemoteResync(BaseModel):
+    reverse: bool = Field(False, description="copy from the remote device to this one")
+    force: bool = Field(False, description="even with hosts connected (reverse)")

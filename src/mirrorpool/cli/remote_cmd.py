@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Annotated
 
 import typer
+from rich.progress import Progress
 from rich.table import Table
 
 from mirrorpool.cli.api_client import (
@@ -19,7 +22,8 @@ from mirrorpool.cli.api_client import (
 from mirrorpool.sizes import format_size, parse_size
 
 app = typer.Typer(no_args_is_help=True,
-                  help="Replicate LUs to remote devices: add, status, list, remove.")
+                  help="Replicate LUs to remote devices: add, status, list, remove, "
+                       "promote, resync.")
 
 
 @app.command("add")
@@ -36,6 +40,24 @@ def add(
     journal_limit: Annotated[str, typer.Option(
         "--journal-limit", help="replication journal size before falling back to "
                                 "changed-block tracking (K/M/G/T)")] = "1G",
+    sync_timeout: Annotated[float, typer.Option(
+        "--sync-timeout", help="sync mode: seconds to wait for the remote device before "
+                               "acknowledging without it")] = 5.0,
+    link_timeout: Annotated[float, typer.Option(
+        "--link-timeout", help="seconds without an answer before the link is taken as "
+                               "down")] = 30.0,
+    give_up_after: Annotated[float, typer.Option(
+        "--give-up-after", help="seconds the remote device may be gone before the journal "
+                                "is dropped for changed-block tracking")] = 600.0,
+    nbd_address: Annotated[str | None, typer.Option(
+        "--nbd-address", help="HOST:PORT of the remote NBD server, if not the address "
+                              "the remote device reports")] = None,
+    tls_ca: Annotated[str | None, typer.Option(
+        "--tls-ca", help="TLS link: CA certificate to verify the remote device")] = None,
+    tls_cert: Annotated[str | None, typer.Option(
+        "--tls-cert", help="TLS link: this device's client certificate")] = None,
+    tls_key: Annotated[str | None, typer.Option(
+        "--tls-key", help="TLS link: this device's client key")] = None,
     api: ApiOption = DEFAULT_API,
     as_json: JsonOption = False,
 ) -> None:
@@ -44,9 +66,13 @@ def add(
         limit = parse_size(journal_limit)
     except ValueError as exc:
         fail(str(exc))
+    files = {k: os.path.abspath(v) if v else None
+             for k, v in (("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key))}
     status = call(api, "POST", f"/v1/lus/{name}/remote", json={
         "device": device, "remote_name": remote_name, "remote_pool": remote_pool,
-        "mode": mode, "journal_limit": limit})
+        "mode": mode, "journal_limit": limit, "sync_timeout": sync_timeout,
+        "link_timeout": link_timeout, "give_up_after": give_up_after,
+        "nbd_address": nbd_address, **files})
     if as_json:
         print_json(status)
         return
@@ -100,3 +126,60 @@ def remove(name: str, api: ApiOption = DEFAULT_API) -> None:
     """Stop replicating NAME (the remote LU and its generations stay)."""
     call(api, "DELETE", f"/v1/lus/{name}/remote")
     console.print(f"{name} is no longer replicated", highlight=False)
+
+
+@app.command("promote")
+def promote(
+    name: str,
+    gen: Annotated[int | None, typer.Option(
+        "--gen", help="make this generation of the copy the primary's data")] = None,
+    api: ApiOption = DEFAULT_API,
+    as_json: JsonOption = False,
+) -> None:
+    """On the remote device: make the copy NAME a primary that hosts can write."""
+    answer = call(api, "POST", f"/v1/lus/{name}/promote", json={"gen": gen})
+    if as_json:
+        print_json(answer)
+        return
+    restored = answer.get("restored")
+    extra = f", from generation {gen} ({restored['bytes_copied']} bytes copied)" \
+        if restored else ""
+    console.print(f"{name} is a primary now{extra}; it was the copy of "
+                  f"{answer['source_lu']} on device {answer['source_device']}", highlight=False)
+
+
+@app.command("resync")
+def resync(
+    name: str,
+    reverse: Annotated[bool, typer.Option(
+        "--reverse", help="bring NAME here in line with its promoted remote copy, then "
+                          "replicate from here again")] = False,
+    force: Annotated[bool, typer.Option("--force", help="even with hosts connected")] = False,
+    api: ApiOption = DEFAULT_API,
+    as_json: JsonOption = False,
+) -> None:
+    """Compare NAME with its remote copy chunk by chunk and copy only what differs."""
+    job = call(api, "POST", f"/v1/lus/{name}/remote/resync",
+               json={"reverse": reverse, "force": force})
+    if not reverse:
+        if as_json:
+            print_json(job["result"])
+        else:
+            console.print(f"{name}: comparing with the remote copy; `mirrorpool remote status "
+                          f"{name}` shows progress", highlight=False)
+        return
+    with Progress(console=console, disable=as_json, transient=True) as progress:
+        task = progress.add_task(f"bringing {name} in line with its remote copy", total=None)
+        while job["state"] == "running":
+            time.sleep(0.2)
+            job = call(api, "GET", f"/v1/jobs/{job['id']}")
+            progress.update(task, completed=job["done"], total=job["total"] or None)
+    if job["state"] != "done":
+        fail(f"reverse resync failed: {job['error']}")
+    r = job["result"]
+    if as_json:
+        print_json(r)
+    else:
+        console.print(f"{name} is in line with its remote copy: {format_size(r['bytes_copied'])}"
+                      f" copied of {format_size(r['bytes_compared'])} compared; replicating "
+                      "from here again", highlight=False)

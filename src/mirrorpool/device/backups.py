@@ -17,6 +17,7 @@ from mirrorpool.device.volumes import (
 )
 from mirrorpool.errors import Conflict, InvalidRequest
 from mirrorpool.mirror.changes import CHUNK, byte_extents, chunk_runs
+from mirrorpool.replication.journal import Kind
 
 if TYPE_CHECKING:
     from mirrorpool.device.device import Device, LogicalUnit
@@ -114,6 +115,9 @@ class BackupService:
         """Refuse a restore before it starts: unknown generation, hosts writing."""
         lu = self.device.get_lu(name)
         lu.volume.member_of(gen)
+        if self.device.remotes.source_of(name) is not None:
+            raise Conflict(f"LU {name!r} is the remote copy of another device's LU: "
+                           "`mirrorpool remote promote` it (with --gen) instead")
         hosts = [s for s in lu.sessions if getattr(s, "writes_primary", False)]
         if hosts and not force:
             raise Conflict(
@@ -142,7 +146,9 @@ class BackupService:
                 length = min(count * CHUNK, volume.size - offset)
                 data = memoryview(buf)[:length]
                 view.read_into(data, offset)
-                op = volume.begin(offset, length)
+                # a replicated LU's remote copy gets the restored data in its place
+                op = volume.begin(offset, length, self.device.remotes.journal_hook(
+                    name, Kind.WRITE, offset, length, data))
                 volume.write(op, data, offset)
                 done += count
                 copied += length

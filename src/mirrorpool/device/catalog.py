@@ -55,7 +55,15 @@ CREATE TABLE IF NOT EXISTS replica (   -- this LU is replicated to a remote devi
     journal_limit INTEGER NOT NULL,
     acked_seq INTEGER NOT NULL DEFAULT 0,
     state TEXT NOT NULL,            -- syncing | consistent | inconsistent
-    dirty BLOB
+    dirty BLOB,
+    options TEXT NOT NULL DEFAULT '{}'  -- JSON: link timeouts, TLS files, NBD address
+);
+CREATE TABLE IF NOT EXISTS replica_of (   -- this LU is the remote copy of another device's LU
+    lu TEXT PRIMARY KEY REFERENCES lu(name) ON DELETE CASCADE,
+    source_device TEXT NOT NULL,    -- the source device's id
+    source_lu TEXT NOT NULL,
+    source_uuid TEXT NOT NULL,      -- the source LU's uuid: the link's export name holds it
+    since REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS remote_origin (   -- generations made by a forwarded TRIGGER
     lu TEXT NOT NULL REFERENCES lu(name) ON DELETE CASCADE,
@@ -119,6 +127,9 @@ class Catalog:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(replica)")}
+        if "options" not in columns:  # catalogs made before link options existed
+            self._db.execute("ALTER TABLE replica ADD COLUMN options TEXT NOT NULL DEFAULT '{}'")
         with self.transaction() as db:
             row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
@@ -299,20 +310,38 @@ class Catalog:
     def replicas(self) -> list[tuple]:
         with self._lock:
             return self._db.execute(
-                "SELECT lu, device, nbd, remote, mode, journal_limit, acked_seq, state, dirty"
-                " FROM replica ORDER BY lu").fetchall()
+                "SELECT lu, device, nbd, remote, mode, journal_limit, acked_seq, state, dirty,"
+                " options FROM replica ORDER BY lu").fetchall()
 
     def save_replica(self, lu: str, device: str, nbd: str, remote: str, mode: str,
                      journal_limit: int, acked_seq: int, state: str,
-                     dirty: bytes | None) -> None:
+                     dirty: bytes | None, options: str) -> None:
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO replica (lu, device, nbd, remote, mode, journal_limit, acked_seq,"
-                " state, dirty) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(lu) DO UPDATE SET"
-                " device=excluded.device, nbd=excluded.nbd, remote=excluded.remote,"
+                " state, dirty, options) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(lu) DO UPDATE"
+                " SET device=excluded.device, nbd=excluded.nbd, remote=excluded.remote,"
                 " mode=excluded.mode, journal_limit=excluded.journal_limit,"
-                " acked_seq=excluded.acked_seq, state=excluded.state, dirty=excluded.dirty",
-                (lu, device, nbd, remote, mode, journal_limit, acked_seq, state, dirty))
+                " acked_seq=excluded.acked_seq, state=excluded.state, dirty=excluded.dirty,"
+                " options=excluded.options",
+                (lu, device, nbd, remote, mode, journal_limit, acked_seq, state, dirty, options))
+
+    def replica_of(self, lu: str) -> tuple[str, str, str, float] | None:
+        """(source device id, source LU, source LU uuid, since) if LU is a remote copy."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT source_device, source_lu, source_uuid, since FROM replica_of WHERE lu=?",
+                (lu,)).fetchone()
+
+    def set_replica_of(self, lu: str, source_device: str, source_lu: str,
+                       source_uuid: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO replica_of VALUES (?,?,?,?,?)",
+                       (lu, source_device, source_lu, source_uuid, time.time()))
+
+    def clear_replica_of(self, lu: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM replica_of WHERE lu=?", (lu,))
 
     def remove_replica(self, lu: str) -> None:
         with self.transaction() as db:

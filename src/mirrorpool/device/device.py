@@ -88,6 +88,9 @@ class Device:
         self.backups = BackupService(self)
         self.remotes = RemoteService(self)
         self.clean_start = self.catalog.get_meta("clean") != "0"
+        # names this device to the devices it replicates to, and to those replicating here
+        self.device_id = self.catalog.get_meta("device_id") or str(uuidlib.uuid4())
+        self.catalog.set_meta("device_id", self.device_id)
         for record in self.catalog.lus():
             store = self._open_store(record)
             volume, recovery = open_volume(self.catalog, self.data_dir, record, store,

@@ -1,6 +1,8 @@
 """Export names hosts can open, and what stands behind each.
 
-    NAME           the primary LU, read-write
+    NAME           the primary LU, read-write (read-only while it is the remote copy
+                   of another device's LU)
+    NAME:replica:UUID  the replication link from the source LU with that uuid
     NAME@GEN       generation GEN of NAME, read-only
     NAME:trigger   special path: every WRITE is a trigger for NAME (payload: label)
     .trigger       trigger LU: a WRITE of a trigger record splits the LUs it names
@@ -28,6 +30,7 @@ from mirrorpool.nbd.constants import (
     AllocationFlag,
     Cmd,
     CmdFlag,
+    Errno,
 )
 from mirrorpool.replication.journal import Kind
 from mirrorpool.replication.link import parse_forwarded
@@ -57,6 +60,7 @@ class Export:
     def __init__(self, device: Device, name: str, lu: LogicalUnit | None) -> None:
         self.device = device
         self.name = name
+        self.wire_name = name  # as the host asked for it (NAME:replica:UUID names NAME)
         self.lu = lu
         self.contexts: dict[str, ContextSource] = {}
         self._last_answer: bytes = b""
@@ -112,6 +116,9 @@ class PrimaryExport(Export):
 
     def __init__(self, device: Device, lu: LogicalUnit) -> None:
         super().__init__(device, lu.name, lu)
+        # a remote copy takes writes from its replication link only
+        self.read_only = device.remotes.source_of(lu.name) is not None
+        self.writes_primary = not self.read_only
         volume = lu.volume
         self.volume = volume
         self.contexts[BASE_ALLOCATION] = volume.primary.extents
@@ -133,6 +140,9 @@ class PrimaryExport(Export):
 
     def admit(self, cmd: Command, payload: memoryview) -> object | None:
         if cmd.type in MUTATIONS:
+            if self.device.remotes.writes_refused(self.name):
+                raise StoreError(Errno.EPERM, f"LU {self.name} is being brought in line with "
+                                              "its remote copy: writes wait until that ends")
             replicator = self.device.remotes.replicator(self.name)
             if replicator is None:
                 return self.volume.begin(cmd.offset, cmd.length)
@@ -214,6 +224,28 @@ class PrimaryExport(Export):
 
     def cache(self, offset: int, length: int) -> None:
         self.volume.primary.cache(offset, length)
+
+
+class ReplicaExport(PrimaryExport):
+    """NAME:replica:UUID, the replication link into a remote copy: the one writer it has.
+
+    The source LU's uuid in the name means a link from any other LU, or to an LU
+    that has since been promoted, finds no export.
+    """
+
+    kind = "replica"
+
+    def __init__(self, device: Device, lu: LogicalUnit) -> None:
+        super().__init__(device, lu)
+        self.read_only = False
+        self.writes_primary = True
+
+    def admit(self, cmd: Command, payload: memoryview) -> object | None:
+        if (cmd.type in MUTATIONS or cmd.type == Cmd.TRIGGER) and \
+                self.device.remotes.source_of(self.name) is None:
+            raise StoreError(Errno.EPERM, f"LU {self.name} was promoted: it takes no more"
+                                          " writes from its replication link")
+        return super().admit(cmd, payload)
 
 
 class GenerationExport(Export):
@@ -386,6 +418,15 @@ def resolve_export(device: Device, name: str) -> Export | None:
     if name.endswith(":trigger"):
         lu = device.find_lu(name[: -len(":trigger")])
         return TriggerPathExport(device, lu) if lu else None
+    if ":replica:" in name:
+        base, _, source_uuid = name.partition(":replica:")
+        lu = device.find_lu(base)
+        source = device.remotes.source_of(base) if lu else None
+        if lu is None or source is None or source[2] != source_uuid:
+            return None
+        export = ReplicaExport(device, lu)
+        export.wire_name = name
+        return export
     base, at, gen = name.partition("@")
     lu = device.find_lu(base)
     if lu is None:

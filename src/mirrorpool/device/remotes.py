@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import ssl
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
@@ -13,13 +15,17 @@ import httpx
 from pyroaring import BitMap
 
 from mirrorpool.errors import Conflict, InvalidRequest, NotFound
-from mirrorpool.mirror.changes import CHUNK, chunk_span
+from mirrorpool.mirror.changes import CHUNK, chunk_runs, chunk_span
+from mirrorpool.nbd.client import NbdClient, NbdError
 from mirrorpool.nbd.constants import AllocationFlag
-from mirrorpool.replication.journal import ReplicationJournal
+from mirrorpool.nbd.tls import TlsSetupError, client_tls_context
+from mirrorpool.replication.checksums import MAX_RANGE, chunk_digests, differing
+from mirrorpool.replication.journal import Kind, ReplicationJournal
 from mirrorpool.replication.link import (
     CONSISTENT,
     INCONSISTENT,
     SYNCING,
+    LinkOptions,
     RemoteConfig,
     Replicator,
 )
@@ -28,6 +34,7 @@ if TYPE_CHECKING:
     from mirrorpool.device.device import Device, LogicalUnit
 
 log = logging.getLogger("mirrorpool.replication")
+Progress = Callable[[int, int], None]
 
 MODES = ("async", "sync")
 DEFAULT_JOURNAL_LIMIT = 1 << 30
@@ -41,54 +48,85 @@ def _blob(chunks: BitMap) -> bytes | None:
     return chunks.serialize() if chunks else None
 
 
+
 class RemoteService:
     def __init__(self, device: Device) -> None:
         self.device = device
         self._lock = threading.Lock()
         self._replicators: dict[str, Replicator] = {}
+        self._resyncing: set[str] = set()  # LUs being brought back in line from their copy
 
     # ------------------------------------------------------------ start-up
 
     def load(self, divergent: dict[str, BitMap], clean: bool) -> None:
         """Start the links in the catalog; after a crash, refresh what may differ."""
         for (lu_name, device_url, nbd, remote, mode, limit, acked, state,
-             dirty) in self.device.catalog.replicas():
+             dirty, options) in self.device.catalog.replicas():
             lu = self.device.find_lu(lu_name)
             if lu is None:
                 continue
             config = RemoteConfig(lu_name, device_url, nbd, remote, mode, limit,
                                   acked_seq=acked, state=state,
-                                  dirty=BitMap.deserialize(dirty) if dirty else BitMap())
+                                  dirty=BitMap.deserialize(dirty) if dirty else BitMap(),
+                                  options=LinkOptions.from_json(options))
             replicator = self._make(lu, config)
             if not clean:
                 if state == CONSISTENT and not replicator.journal.stopped:
                     replicator.after_crash(divergent.get(lu_name, BitMap()))
                 else:
                     # changes made while the copy was being refreshed are not all on
-                    # file: compare everything (zeros go as WRITE_ZEROES)
+                    # file: compare every chunk with the remote copy
                     replicator.state = INCONSISTENT
-                    replicator.dirty |= BitMap(range((lu.size + CHUNK - 1) // CHUNK))
                     replicator.journal.reset()
+                    replicator.compare_all()
                 self._save(replicator)
             replicator.start()
 
     def _journal_dir(self, lu: LogicalUnit) -> str:
         return os.path.join(self.device.data_dir, "lu", f"{lu.record.uuid}.repl")
 
-    def _make(self, lu: LogicalUnit, config: RemoteConfig) -> Replicator:
-        journal = ReplicationJournal(self._journal_dir(lu), config.limit)
-        replicator = Replicator(config, lu.volume, journal, self._save)
+    def _make(self, lu: LogicalUnit, config: RemoteConfig,
+              journal: ReplicationJournal | None = None) -> Replicator:
+        journal = journal or ReplicationJournal(self._journal_dir(lu), config.limit)
+        replicator = Replicator(config, lu.volume, journal, self._save,
+                                remote_digests=self._digest_fetcher(config),
+                                tls=self._tls_context(config.options))
         with self._lock:
             self._replicators[lu.name] = replicator
         return replicator
 
+    @staticmethod
+    def _tls_context(options: LinkOptions) -> ssl.SSLContext | None:
+        if not options.tls:
+            return None
+        try:
+            return client_tls_context(options.tls_ca, options.tls_cert, options.tls_key)
+        except TlsSetupError as exc:
+            raise InvalidRequest(str(exc)) from None
+
+    @staticmethod
+    def _digest_fetcher(config: RemoteConfig) -> Callable[[int, int], bytes]:
+        def fetch(offset: int, length: int) -> bytes:
+            path = f"/v1/lus/{quote(config.remote, safe='')}/checksums"
+            try:
+                got = httpx.get(config.device + path, params={"offset": offset,
+                                                              "length": length}, timeout=120)
+            except httpx.HTTPError as exc:
+                raise NbdError(f"cannot fetch checksums from the remote device: {exc}") from None
+            if got.status_code != 200:
+                raise NbdError(f"the remote device refused checksums: {got.text}")
+            return got.content
+
+        return fetch
+
     def _save(self, r: Replicator) -> None:
         c = r.config
         with r.volume.seq.lock:
-            dirty = _blob(r.dirty)
+            # chunks still to compare are saved as to copy: a restart copies them
+            dirty = _blob(r.dirty | r.compare)
             acked, state = r.acked_seq, r.state
         self.device.catalog.save_replica(c.lu, c.device, c.nbd, c.remote, c.mode, c.limit,
-                                         acked, state, dirty)
+                                         acked, state, dirty, c.options.to_json())
 
     @staticmethod
     def _allocated(lu: LogicalUnit) -> BitMap:
@@ -111,21 +149,34 @@ class RemoteService:
 
     def add(self, name: str, device_url: str, remote_name: str | None = None,
             remote_pool: int = 3, mode: str = "async",
-            journal_limit: int = DEFAULT_JOURNAL_LIMIT) -> dict:
+            journal_limit: int = DEFAULT_JOURNAL_LIMIT,
+            options: LinkOptions | None = None) -> dict:
         lu = self.device.get_lu(name)
+        options = options or LinkOptions()
         if mode not in MODES:
             raise InvalidRequest(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         if journal_limit < 1 << 20:
             raise InvalidRequest("the journal limit must be at least 1 MiB")
         if self.replicator(name) is not None:
             raise Conflict(f"LU {name!r} is already replicated; remove that link first")
+        if self.source_of(name) is not None:
+            raise Conflict(f"LU {name!r} is itself a remote copy; promote it before "
+                           "replicating it")
         if not urlsplit(device_url).scheme.startswith("http"):
             raise InvalidRequest(f"--device takes the remote device's control API URL, "
                                  f"http://HOST:PORT, not {device_url!r}")
+        for what in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(options, what)
+            if path is not None and not os.access(path, os.R_OK):
+                raise InvalidRequest(f"--{what.replace('_', '-')} {path}: no readable file")
+        if bool(options.tls_cert) != bool(options.tls_key):
+            raise InvalidRequest("--tls-cert and --tls-key go together")
+        tls = self._tls_context(options)  # refuses unusable certificates before anything
         remote = remote_name or name
-        created, nbd = self._prepare_remote(device_url, remote, lu.size, remote_pool)
+        created, nbd = self._prepare_remote(device_url, remote, lu, remote_pool, options)
         config = RemoteConfig(name, device_url.rstrip("/"), nbd, remote, mode, journal_limit,
-                              state=SYNCING)
+                              state=SYNCING, options=options)
+        self._check_link(config, tls, lu.size)
         replicator = self._make(lu, config)
         volume = lu.volume
         with volume.seq.lock:
@@ -133,29 +184,56 @@ class RemoteService:
             if created:
                 replicator.dirty |= self._allocated(lu)
             else:
-                replicator.dirty |= BitMap(range((lu.size + CHUNK - 1) // CHUNK))
+                replicator.compare |= BitMap(range((lu.size + CHUNK - 1) // CHUNK))
             for op in volume.seq.numbered_inflight():
                 if op.end > op.start:
                     replicator.dirty.add_range(op.start // CHUNK, op.end // CHUNK)
+            replicator.compare -= replicator.dirty
         self._save(replicator)
         replicator.start()
         log.info("replication link added", extra={"lu": name, "remote": remote,
-                                                   "device": device_url, "mode": mode})
+                                                   "device": device_url, "mode": mode,
+                                                   "tls": options.tls})
         return replicator.status()
 
-    def _prepare_remote(self, device_url: str, remote: str, size: int,
-                        pool: int) -> tuple[bool, str]:
-        """Check (or create) the remote LU; returns (created, its NBD URI)."""
+    @staticmethod
+    def _check_link(config: RemoteConfig, tls: ssl.SSLContext | None, size: int) -> None:
+        """Open the link once now, so a refusal is the answer to `remote add`."""
+        try:
+            client = NbdClient(config.nbd, timeout=config.options.link_timeout, tls=tls)
+        except (OSError, NbdError) as exc:
+            raise RemoteUnreachable(f"the remote device refused the replication link "
+                                    f"({config.nbd}): {exc}") from None
+        try:
+            if client.size != size:
+                raise Conflict(f"the remote LU is {client.size} bytes over NBD, this LU {size}")
+        finally:
+            client.close()
+
+    def _prepare_remote(self, device_url: str, remote: str, lu: LogicalUnit, pool: int | None,
+                        options: LinkOptions) -> tuple[bool, str]:
+        """Check (or create) the remote LU and claim it as this LU's copy.
+
+        Returns (created, the link's NBD URI); ``pool`` None: it must exist.
+        """
         base = device_url.rstrip("/")
+        size = lu.size
         try:
             with httpx.Client(base_url=base, timeout=30) as http:
                 status = http.get("/v1/status")
                 status.raise_for_status()
-                addresses = [a for a in status.json().get("nbd", []) if a.startswith("nbd://")]
+                if status.json().get("device_id") == self.device.device_id:
+                    raise InvalidRequest(f"{base} is this device: replicate to another one")
+                addresses = [a for a in status.json().get("nbd", [])
+                             if a.startswith(("nbd://", "nbds://"))]
+                if options.nbd_address:
+                    addresses = [f"nbd://{options.nbd_address}"]
                 if not addresses:
                     raise RemoteUnreachable(f"the remote device at {base} serves no NBD on TCP")
                 got = http.get(f"/v1/lus/{quote(remote, safe='')}")
                 created = False
+                if got.status_code == 404 and pool is None:
+                    raise NotFound(f"the remote device has no LU {remote!r}")
                 if got.status_code == 404:
                     made = http.post("/v1/lus", json={"name": remote, "size": size,
                                                       "pool": pool})
@@ -172,9 +250,185 @@ class RemoteService:
                     if remote_size != size:
                         raise Conflict(f"remote LU {remote!r} is {remote_size} bytes, this LU "
                                        f"{size}: sizes must match")
+                claim = http.put(f"/v1/lus/{quote(remote, safe='')}/replica-of", json={
+                    "source_device": self.device.device_id, "source_lu": lu.name,
+                    "source_uuid": lu.record.uuid})
+                if claim.status_code >= 400:
+                    raise Conflict(f"the remote device refused: "
+                                   f"{claim.json().get('detail', claim.text)}")
         except httpx.HTTPError as exc:
             raise RemoteUnreachable(f"cannot reach the remote device at {base}: {exc}") from None
-        return created, f"{addresses[0].rstrip('/')}/{quote(remote, safe='')}"
+        host_port = addresses[0].split("://", 1)[1].split("/", 1)[0]
+        scheme = "nbds" if options.tls else "nbd"
+        export = quote(f"{remote}:replica:{lu.record.uuid}", safe=":")
+        return created, f"{scheme}://{host_port}/{export}"
+
+    # ------------------------------------------------------------ the remote side
+
+    def source_of(self, lu: str) -> tuple[str, str, str, float] | None:
+        """(source device, source LU, source uuid, since) if LU is another LU's copy."""
+        return self.device.catalog.replica_of(lu)
+
+    def accept_source(self, name: str, source_device: str, source_lu: str,
+                      source_uuid: str) -> dict:
+        """Make LU ``name`` the remote copy of a source LU: its link is its one writer."""
+        lu = self.device.get_lu(name)
+        if source_device == self.device.device_id:
+            raise InvalidRequest("a device cannot replicate to itself")
+        current = self.source_of(name)
+        if current is not None and (current[0], current[2]) != (source_device, source_uuid):
+            raise Conflict(f"LU {name!r} is already the copy of LU {current[1]!r} on device "
+                           f"{current[0]}: promote or delete it here first, or choose "
+                           "another --remote-name")
+        if self.replicator(name) is not None:
+            raise Conflict(f"LU {name!r} is replicated from here to another device: it cannot "
+                           "also be a copy")
+        writers = [s for s in lu.sessions if getattr(s, "writes_primary", False)]
+        if current is None and writers:
+            raise Conflict(f"LU {name!r} has {len(writers)} host connection(s) that may write: "
+                           "a remote copy takes writes from its link only; disconnect them")
+        self.device.catalog.set_replica_of(name, source_device, source_lu, source_uuid)
+        log.info("LU is now a remote copy", extra={"lu": name, "source_lu": source_lu,
+                                                    "source_device": source_device})
+        return self.copy_status(name)
+
+    def copy_status(self, name: str) -> dict:
+        self.device.get_lu(name)
+        source = self.source_of(name)
+        if source is None:
+            raise NotFound(f"LU {name!r} is not a remote copy of another device's LU")
+        return {"lu": name, "source_device": source[0], "source_lu": source[1],
+                "source_uuid": source[2], "since": source[3]}
+
+    def promote(self, name: str, gen: int | None = None) -> dict:
+        """Make a remote copy (or one of its generations) a primary hosts can write."""
+        lu = self.device.get_lu(name)
+        source = self.source_of(name)
+        if source is None:
+            raise Conflict(f"LU {name!r} is not a remote copy: it is a primary already")
+        if gen is not None:
+            lu.volume.member_of(gen)  # refuses an unknown generation before anything
+        self.device.catalog.clear_replica_of(name)
+        for session in list(lu.sessions):
+            if getattr(getattr(session, "export", None), "kind", "") == "replica":
+                session.disconnect()  # the link: its next write would be refused anyway
+        restored = None
+        if gen is not None:
+            restored = self.device.backups.restore(name, gen, force=True)
+        log.warning("remote copy promoted to primary",
+                    extra={"lu": name, "source_lu": source[1], "gen": gen})
+        return {"lu": name, "promoted": True, "source_lu": source[1],
+                "source_device": source[0], "restored": restored}
+
+    def checksums(self, name: str, offset: int, length: int) -> bytes:
+        lu = self.device.get_lu(name)
+        if offset < 0 or length <= 0 or offset % CHUNK or offset >= lu.size:
+            raise InvalidRequest(f"offset must be a multiple of {CHUNK} inside the LU, and "
+                                 "length positive")
+        if length > MAX_RANGE:
+            raise InvalidRequest(f"length is at most {MAX_RANGE} bytes per request")
+        return chunk_digests(lu.volume.primary.read_into, lu.size, offset,
+                             min(length, lu.size - offset))
+
+    # ------------------------------------------------------------ resync
+
+    def resync(self, name: str, reverse: bool = False, force: bool = False,
+               progress: Progress | None = None) -> dict:
+        """Compare the two copies chunk by chunk and copy only what differs.
+
+        Forward: the remote copy is refreshed from here.  Reverse (after the
+        remote copy was promoted and written there): this LU is brought in line
+        with it, the remote LU becomes a copy again, and the link goes on from here.
+        """
+        lu = self.device.get_lu(name)
+        replicator = self.replicator(name)
+        if replicator is None:
+            raise NotFound(f"LU {name!r} is not replicated")
+        if not reverse:
+            replicator.compare_all()
+            return replicator.status()
+        return self._reverse(lu, replicator, force, progress)
+
+    def check_reverse(self, name: str, force: bool) -> None:
+        lu = self.device.get_lu(name)
+        if self.replicator(name) is None:
+            raise NotFound(f"LU {name!r} is not replicated")
+        hosts = [s for s in lu.sessions if getattr(s, "writes_primary", False)]
+        if hosts and not force:
+            raise Conflict(f"LU {name!r} has {len(hosts)} connected client(s); a reverse "
+                           "resync changes data under them: disconnect them or use --force")
+
+    def writes_refused(self, name: str) -> bool:
+        return name in self._resyncing
+
+    def _reverse(self, lu: LogicalUnit, old: Replicator, force: bool,
+                 progress: Progress | None) -> dict:
+        self.check_reverse(lu.name, force)
+        config = old.config
+        with self._lock:
+            if lu.name in self._resyncing:
+                raise Conflict(f"LU {lu.name!r} is already being resynchronised")
+            self._resyncing.add(lu.name)
+        try:
+            old.stop()
+            # the remote LU becomes this LU's copy again: its hosts must be gone
+            self._prepare_remote(config.device, config.remote, lu, None, config.options)
+            fetch = self._digest_fetcher(config)
+            tls = self._tls_context(config.options)
+            volume = lu.volume
+            total = (lu.size + CHUNK - 1) // CHUNK
+            copied = 0
+            step = MAX_RANGE // 16  # 16 MiB compared per step
+            with NbdClient(config.nbd, timeout=config.options.link_timeout, tls=tls) as client:
+                for offset in range(0, lu.size, step):
+                    length = min(step, lu.size - offset)
+                    theirs = fetch(offset, length)
+                    mine = chunk_digests(volume.primary.read_into, lu.size, offset, length)
+                    differ = differing(offset // CHUNK, mine, theirs)
+                    for first, count in chunk_runs(differ, 256):
+                        start = first * CHUNK
+                        data = client.pread(min((first + count) * CHUNK, lu.size) - start, start)
+                        op = volume.begin(start, len(data))
+                        volume.write(op, memoryview(data), start)
+                        copied += len(data)
+                    if progress:
+                        progress(min(total, (offset + length) // CHUNK), total)
+            volume.flush()
+            # both copies are equal: journal from this point on
+            journal = old.journal
+            with volume.seq.lock:
+                journal.reset()
+                config.state = CONSISTENT
+                config.acked_seq = volume.seq.last_seq
+                config.dirty = BitMap()
+                replicator = self._make(lu, config, journal)
+            self._save(replicator)
+            replicator.start()
+        except BaseException:
+            # the link goes on from where it was: a forward refresh of everything
+            with self._lock:
+                if self._replicators.get(lu.name) is old:
+                    fresh = self._make(lu, old.config, old.journal)
+                    fresh.compare_all()
+                    self._save(fresh)
+                    fresh.start()
+            raise
+        finally:
+            with self._lock:
+                self._resyncing.discard(lu.name)
+        log.info("reverse resync done", extra={"lu": lu.name, "bytes_copied": copied})
+        return {"lu": lu.name, "reverse": True, "bytes_compared": lu.size,
+                "bytes_copied": copied, "state": CONSISTENT}
+
+    # ------------------------------------------------------------ writes of the device itself
+
+    def journal_hook(self, name: str, kind: Kind, offset: int, length: int,
+                     data: bytes | memoryview = b"") -> Callable[[int], None] | None:
+        """For a mutation this device makes itself (a restore): keep the remote copy exact."""
+        replicator = self.replicator(name)
+        if replicator is None:
+            return None
+        return lambda seq: replicator.on_mutation(kind, seq, offset, length, data)
 
     def remove(self, name: str) -> None:
         lu = self.device.get_lu(name)

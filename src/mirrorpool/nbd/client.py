@@ -159,7 +159,8 @@ class NbdClient:
                 elif reply == Rep.ACK:
                     break
                 else:
-                    raise NbdError(f"server refused meta contexts: {data.decode(errors='replace')}")
+                    raise NbdError(
+                        f"server refused meta contexts: {data.decode(errors='replace')}", reply)
         self._option(Opt.GO, struct.pack(">I", len(name)) + name + struct.pack(">HH", 1,
                                                                                  Info.BLOCK_SIZE))
         while True:

@@ -24,18 +24,20 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from pyroaring import BitMap
 
-from mirrorpool.mirror.changes import CHUNK, chunk_span
+from mirrorpool.mirror.changes import CHUNK, chunk_runs, chunk_span
 from mirrorpool.mirror.volume import MirroredVolume
 from mirrorpool.nbd.client import REPLY_TYPE_TRIGGER, NbdClient, NbdError
-from mirrorpool.nbd.constants import TRIGGER_CONTEXT, Cmd, CmdFlag
+from mirrorpool.nbd.constants import TRIGGER_CONTEXT, Cmd, CmdFlag, Rep
+from mirrorpool.replication.checksums import differing, digests_of
 from mirrorpool.replication.journal import JournalFull, Kind, Record, ReplicationJournal
 
 log = logging.getLogger("mirrorpool.replication")
@@ -45,6 +47,7 @@ SYNCING = "syncing"
 REPLAYING = "replaying"  # after a crash here: the journal is sent, then a refresh
 INCONSISTENT = "inconsistent"
 REFRESH_RUN = 256  # chunks per refresh step (1 MiB)
+COMPARE_RUN = 4096  # chunks per compare step (16 MiB read here, 64 KiB of digests fetched)
 WINDOW = 64  # records sent before their replies are read
 WINDOW_BYTES = 8 << 20
 STAMP_EVERY = 0.01  # seconds between time stamps of journalled records
@@ -55,6 +58,32 @@ FORWARDED = b"\0"
 
 
 @dataclass
+class LinkOptions:
+    """How a link behaves; kept as JSON with the link in the catalog."""
+
+    sync_timeout: float = 5.0  # sync mode: wait this long for the remote, then go on async
+    link_timeout: float = 30.0  # an unanswered request this old means the link is down
+    give_up_after: float = 600.0  # link down this long: stop journaling, refresh later
+    nbd_address: str | None = None  # HOST:PORT of the remote NBD server, if not the one it reports
+    tls_ca: str | None = None  # verify the remote device's certificate with this CA
+    tls_cert: str | None = None  # this device's client certificate and key
+    tls_key: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> LinkOptions:
+        doc = json.loads(text or "{}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in known})
+
+
+@dataclass
 class RemoteConfig:
     lu: str
     device: str  # the remote device's control API
@@ -62,10 +91,10 @@ class RemoteConfig:
     remote: str  # the remote LU's name
     mode: str = "async"
     limit: int = 1 << 30
-    sync_timeout: float = 5.0
     acked_seq: int = 0
     state: str = SYNCING
     dirty: BitMap = field(default_factory=BitMap)
+    options: LinkOptions = field(default_factory=LinkOptions)
 
 
 def forwarded_payload(trigger_id: str, label: str, seq: int, gen: int) -> bytes:
@@ -85,13 +114,20 @@ def parse_forwarded(payload: bytes) -> dict | None:
 
 class Replicator:
     def __init__(self, config: RemoteConfig, volume: MirroredVolume, journal: ReplicationJournal,
-                 save: Callable[[Replicator], None]) -> None:
+                 save: Callable[[Replicator], None],
+                 remote_digests: Callable[[int, int], bytes] | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.config = config
         self.volume = volume
         self.journal = journal
         self._save = save
+        self._remote_digests = remote_digests
+        self._tls = tls
         self.state = config.state
-        self.dirty = config.dirty
+        self.dirty = config.dirty  # chunks that differ on the remote device: copied
+        self.compare = BitMap()  # chunks that may differ: compared by digest, copied if so
+        self.compared_bytes = 0
+        self.down_since: float | None = None
         self.acked_seq = config.acked_seq  # on the remote device's stable storage
         self.replied_seq = config.acked_seq  # answered by the remote device
         self.connected = False
@@ -184,6 +220,16 @@ class Replicator:
             self.dirty |= chunks
         self._wake.set()
 
+    def compare_all(self) -> None:
+        """Stop trusting the remote copy: compare every chunk, copy those that differ."""
+        with self.volume.seq.lock:
+            if self.state in (CONSISTENT, REPLAYING):
+                self._stop_journaling(self.volume.seq.last_seq)
+            self.state = INCONSISTENT
+            self.compare |= BitMap(range((self.volume.size + CHUNK - 1) // CHUNK))
+            self.compare -= self.dirty
+        self._wake.set()
+
     def after_crash(self, divergent: BitMap) -> None:
         """Start-up after a crash: send the journal first, then refresh ``divergent``.
 
@@ -206,11 +252,11 @@ class Replicator:
         with self._replied:
             ok = self._replied.wait_for(
                 lambda: self.replied_seq >= seq or self._stopping or self.state != CONSISTENT,
-                self.config.sync_timeout)
+                self.config.options.sync_timeout)
         if not ok:
             self.degraded = True
             log.warning("sync replication degraded: the remote device did not answer in time",
-                        extra={"lu": self.config.lu, "timeout_s": self.config.sync_timeout})
+                        extra={"lu": self.config.lu, "timeout_s": self.config.options.sync_timeout})
 
     # ------------------------------------------------------------ status
 
@@ -240,6 +286,10 @@ class Replicator:
             "journal_used": self.journal.used,
             "journal_limit": self.config.limit,
             "dirty_bytes": len(self.dirty) * CHUNK,
+            "compare_bytes": len(self.compare) * CHUNK,
+            "compared_bytes": self.compared_bytes,
+            "down_seconds": round(time.monotonic() - self.down_since, 3)
+            if self.down_since is not None else 0.0,
             "sent_bytes": self.sent_bytes,
             "triggers_not_replicated": self.not_replicated,
             "last_remote_trigger": self.last_remote_trigger,
@@ -256,8 +306,10 @@ class Replicator:
         backoff = 0.1
         while not self._stopping:
             client = None
+            if self.down_since is None:
+                self.down_since = time.monotonic()
             try:
-                client = NbdClient(self.config.nbd, contexts=(TRIGGER_CONTEXT,), timeout=30)
+                client = self._connect(contexts=(TRIGGER_CONTEXT,))
                 if not client.can_trigger:
                     raise NbdError("the remote device does not offer the TRIGGER extension")
                 if client.size != self.volume.size:
@@ -265,6 +317,7 @@ class Replicator:
                                    f"{self.volume.size}: refusing to replicate")
                 self._client = client
                 self.connected = True
+                self.down_since = None
                 self.last_error = ""
                 backoff = 0.1
                 self._serve(client)
@@ -280,9 +333,34 @@ class Replicator:
                     client.abort()
             if self._stopping:
                 return
+            self._give_up_if_gone_too_long()
             self._wake.wait(backoff)
             self._wake.clear()
             backoff = min(backoff * 2, 2.0)
+
+    def _connect(self, contexts: tuple[str, ...] = ()) -> NbdClient:
+        try:
+            return NbdClient(self.config.nbd, contexts=contexts,
+                             timeout=self.config.options.link_timeout, tls=self._tls)
+        except NbdError as exc:
+            if exc.code == Rep.ERR_UNKNOWN:
+                raise NbdError("the remote device has no link into this LU's copy: it was "
+                               "promoted there, deleted, or is the copy of another LU "
+                               f"({exc})") from None
+            raise
+
+    def _give_up_if_gone_too_long(self) -> None:
+        """Down longer than give_up_after: stop filling the journal; refresh on return."""
+        down = self.down_since
+        if down is None or time.monotonic() - down < self.config.options.give_up_after:
+            return
+        with self.volume.seq.lock:
+            if self.state != CONSISTENT:
+                return
+            self._stop_journaling(self.volume.seq.last_seq)
+        log.warning("the remote device is gone too long: replication falls back to "
+                    "changed-block tracking", extra={"lu": self.config.lu,
+                                                     "down_s": round(time.monotonic() - down)})
 
     def _flush_loop(self) -> None:
         """Make what the remote device answered durable there, on a connection of its own.
@@ -298,7 +376,7 @@ class Replicator:
                 continue
             try:
                 if client is None:
-                    client = NbdClient(self.config.nbd, timeout=30)
+                    client = self._connect()
                 client.flush()
             except (OSError, NbdError):
                 if client is not None:
@@ -425,6 +503,53 @@ class Replicator:
                 gen = (answer.get("generations") or [{}])[0]
                 last.update(remote_gen=gen.get("gen"), remote_seq=gen.get("seq"))
 
+    def _read_ordered(self, first: int, stop: int) -> bytearray:
+        """The primary's chunks [first, stop), read in sequence with the writes."""
+        volume = self.volume
+        with volume.seq.lock:
+            op = volume.seq.admit(first * CHUNK, stop * CHUNK, "replica-read", False)
+        try:
+            volume.seq.wait(op)
+            start = first * CHUNK
+            buf = bytearray(min(stop * CHUNK, volume.size) - start)
+            volume.primary.read_into(memoryview(buf), start)
+            return buf
+        finally:
+            volume.seq.finish(op)
+
+    def _send_chunks(self, client: NbdClient, buf: bytes | bytearray | memoryview,
+                     start: int) -> None:
+        length = len(buf)
+        if bytes(buf).count(0) == length:
+            client.zero(length, start, may_trim=True)
+        else:
+            client.pwrite(buf, start)
+        self.sent_bytes += length
+
+    def _compare_step(self, client: NbdClient) -> None:
+        """Compare up to COMPARE_RUN chunks by digest; copy the ones that differ."""
+        volume = self.volume
+        with volume.seq.lock:
+            first = self.compare.min()
+            stop = min(first + COMPARE_RUN, (volume.size + CHUNK - 1) // CHUNK)
+            wanted = BitMap(range(first, stop)) & self.compare
+            self.compare.remove_range(first, stop)
+        try:
+            buf = self._read_ordered(first, stop)
+            if self._remote_digests is None:
+                differ = wanted
+            else:
+                theirs = self._remote_digests(first * CHUNK, len(buf))
+                differ = differing(first, digests_of(buf), theirs) & wanted
+            self.compared_bytes += len(wanted) * CHUNK
+            for run_first, count in chunk_runs(differ, REFRESH_RUN):
+                lo, hi = (run_first - first) * CHUNK, (run_first + count - first) * CHUNK
+                self._send_chunks(client, memoryview(buf)[lo:hi], run_first * CHUNK)
+        except BaseException:
+            with volume.seq.lock:
+                self.compare |= wanted
+            raise
+
     def _refresh(self, client: NbdClient) -> None:
         """Copy the dirty chunks' current data, then go back to journaling."""
         volume = self.volume
@@ -441,12 +566,16 @@ class Replicator:
         while not self._stopping:
             with volume.seq.lock:
                 empty = not self.dirty
+                to_compare = bool(self.compare) and empty
+            if to_compare:
+                self._compare_step(client)
+                continue
             if empty:
                 client.flush()  # what was sent is on the remote device's stable storage
                 with volume.seq.lock:
                     if self._overflow:
                         return  # the journal filled again meanwhile: start over
-                    if not self.dirty:
+                    if not self.dirty and not self.compare:
                         # from here on, every mutation goes to the journal
                         self.state = CONSISTENT
                         self.degraded = False
@@ -459,30 +588,14 @@ class Replicator:
                 stop = first + 1
                 while stop < first + REFRESH_RUN and stop in self.dirty:
                     stop += 1
-                op = volume.seq.admit(first * CHUNK, stop * CHUNK, "replica-read", False)
                 self.dirty.remove_range(first, stop)
             try:
-                volume.seq.wait(op)
-                start = first * CHUNK
-                length = min(stop * CHUNK, volume.size) - start
-                buf = bytearray(length)
-                volume.primary.read_into(memoryview(buf), start)
+                buf = self._read_ordered(first, stop)
+                self._send_chunks(client, buf, first * CHUNK)
             except BaseException:
                 with volume.seq.lock:
                     self.dirty.add_range(first, stop)
                 raise
-            finally:
-                volume.seq.finish(op)
-            try:
-                if buf.count(0) == length:
-                    client.zero(length, start, may_trim=True)
-                else:
-                    client.pwrite(buf, start)
-            except BaseException:
-                with volume.seq.lock:
-                    self.dirty.add_range(first, stop)
-                raise
-            self.sent_bytes += length
         if self._stopping:
             return
         with self._replied:
