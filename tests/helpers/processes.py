@@ -23,13 +23,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 20) -> None:
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 20,
+                  host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
@@ -49,23 +50,25 @@ def stop_pid(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float =
 
 @dataclass
 class DeviceProcess:
-    """A `mirrorpool serve` subprocess on free loopback ports."""
+    """A `mirrorpool serve` subprocess on free loopback ports (or in a test's netns)."""
 
     data_dir: Path
     nbd_port: int = field(default_factory=free_port)
     api_port: int = field(default_factory=free_port)
     unix_socket: Path | None = None
     extra_args: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    netns: str | None = None  # run it in this network namespace (made by the test)
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
     _counter: int = 0
 
     @property
     def api(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        return f"http://{self.host}:{self.api_port}"
 
     def uri(self, export: str) -> str:
-        return f"nbd://127.0.0.1:{self.nbd_port}/{export}"
+        return f"nbd://{self.host}:{self.nbd_port}/{export}"
 
     def start(self, attempts: int = 3) -> DeviceProcess:
         """Start it; if a free port was taken meanwhile by someone else, try new ones."""
@@ -80,8 +83,9 @@ class DeviceProcess:
 
     def _start_once(self) -> DeviceProcess:
         args = [
+            *(["ip", "netns", "exec", self.netns] if self.netns else []),
             MIRRORPOOL, "serve", "--data", str(self.data_dir),
-            "--listen", f"127.0.0.1:{self.nbd_port}", "--api", f"127.0.0.1:{self.api_port}",
+            "--listen", f"{self.host}:{self.nbd_port}", "--api", f"{self.host}:{self.api_port}",
             *self.extra_args,
         ]
         if self.unix_socket:
@@ -90,8 +94,8 @@ class DeviceProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        wait_for_port(self.api_port, self.proc)
-        wait_for_port(self.nbd_port, self.proc)
+        wait_for_port(self.api_port, self.proc, host=self.host)
+        wait_for_port(self.nbd_port, self.proc, host=self.host)
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int:

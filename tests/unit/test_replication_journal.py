@@ -137,3 +137,17 @@ def test_a_stop_is_taken_over_the_limit_and_seen_after_a_reopen(tmp_path: Path) 
     j.reset()
     assert not j.stopped
     j.close()
+
+
+@pytest.mark.parametrize("reopen", [False, True])
+def test_every_record_after_reads_past_the_first_batch(tmp_path: Path, reopen: bool) -> None:
+    """A fallback to refreshing turns every unsent record into chunks, not one batch."""
+    j = ReplicationJournal(str(tmp_path), 64 << 20)
+    count = rj.MEMORY_BATCH * 3 + 7
+    for seq in range(1, count + 1):
+        j.append(_write(seq, 16))
+    if reopen:  # read from the files instead of memory
+        j.close()
+        j = ReplicationJournal(str(tmp_path), 64 << 20)
+    assert [r.seq for r in j.every_record_after(5)] == list(range(6, count + 1))
+    j.close()

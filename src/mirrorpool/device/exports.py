@@ -50,6 +50,7 @@ TRIGGER_LU_SIZE = 64 * 1024
 TRIGGER_PATH_SIZE = 4096
 RECORD_MAGIC = "MPTRIGGER 1"
 MUTATIONS = frozenset({Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM})
+LINK_FENCE_TIMEOUT = 30.0  # seconds an older link connection gets to finish its requests
 
 
 class Export:
@@ -239,6 +240,24 @@ class ReplicaExport(PrimaryExport):
         super().__init__(device, lu)
         self.read_only = False
         self.writes_primary = True
+
+    def attach(self) -> None:
+        """Fence the link's older connections before this one takes a request.
+
+        After a cut, the source reconnects and resends from its last flushed
+        point, while the old connection may still hold (or later receive) requests
+        it sent before the cut: applied after the new ones, they would undo them.
+        Ending the old connection first gives everything it admitted a lower
+        sequence number than anything this one sends.
+        """
+        assert self.lu is not None
+        for session in list(self.lu.sessions):
+            if getattr(getattr(session, "export", None), "kind", "") != "replica":
+                continue
+            session.disconnect()
+            if not session.finished.wait(LINK_FENCE_TIMEOUT):
+                raise StoreError(Errno.EIO, "an older connection of this replication link "
+                                            "did not end")
 
     def admit(self, cmd: Command, payload: memoryview) -> object | None:
         if (cmd.type in MUTATIONS or cmd.type == Cmd.TRIGGER) and \

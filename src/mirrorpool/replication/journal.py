@@ -236,6 +236,20 @@ class ReplicationJournal:
                 if record.seq > seq:
                     yield record, (index, end)
 
+    def every_record_after(self, seq: int) -> Iterator[Record]:
+        """Every record numbered above ``seq``, however many batches that takes."""
+        cursor: tuple[int, int] | None = None
+        while True:
+            last = seq
+            for record, after in self.records_after(seq, cursor):
+                last = record.seq
+                if after is not None:
+                    cursor = after
+                yield record
+            if last == seq:
+                return
+            seq = last
+
     def trim(self, upto_seq: int) -> bool:
         """The remote device has every record up to ``upto_seq`` on stable storage.
 
