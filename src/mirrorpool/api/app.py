@@ -173,6 +173,10 @@ def create_app(
         return device.remotes.accept_source(name, body.source_device, body.source_lu,
                                             body.source_uuid)
 
+    @app.delete("/v1/lus/{name}/replica-of", status_code=204, responses=_ERRORS)
+    def release_source(name: str, source_uuid: str) -> None:
+        device.remotes.release_source(name, source_uuid)
+
     @app.get("/v1/lus/{name}/replica-of", responses=_ERRORS)
     def replica_of(name: str) -> dict:
         return device.remotes.copy_status(name)

@@ -14,7 +14,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 from pyroaring import BitMap
 
-from mirrorpool.errors import Conflict, InvalidRequest, NotFound
+from mirrorpool.errors import Conflict, InvalidRequest, MirrorpoolError, NotFound
 from mirrorpool.mirror.changes import CHUNK, chunk_runs, chunk_span
 from mirrorpool.nbd.client import NbdClient, NbdError
 from mirrorpool.nbd.constants import AllocationFlag
@@ -173,10 +173,16 @@ class RemoteService:
             raise InvalidRequest("--tls-cert and --tls-key go together")
         tls = self._tls_context(options)  # refuses unusable certificates before anything
         remote = remote_name or name
-        created, nbd = self._prepare_remote(device_url, remote, lu, remote_pool, options)
+        created, claimed, nbd = self._prepare_remote(device_url, remote, lu, remote_pool,
+                                                     options)
         config = RemoteConfig(name, device_url.rstrip("/"), nbd, remote, mode, journal_limit,
                               state=SYNCING, options=options)
-        self._check_link(config, tls, lu.size)
+        try:
+            self._check_link(config, tls, lu.size)
+        except MirrorpoolError:
+            if created or claimed:
+                self._undo_prepare(config, lu, created)
+            raise
         replicator = self._make(lu, config)
         volume = lu.volume
         with volume.seq.lock:
@@ -211,10 +217,10 @@ class RemoteService:
             client.close()
 
     def _prepare_remote(self, device_url: str, remote: str, lu: LogicalUnit, pool: int | None,
-                        options: LinkOptions) -> tuple[bool, str]:
+                        options: LinkOptions) -> tuple[bool, bool, str]:
         """Check (or create) the remote LU and claim it as this LU's copy.
 
-        Returns (created, the link's NBD URI); ``pool`` None: it must exist.
+        Returns (created, claimed now, the link's NBD URI); ``pool`` None: it must exist.
         """
         base = device_url.rstrip("/")
         size = lu.size
@@ -250,6 +256,8 @@ class RemoteService:
                     if remote_size != size:
                         raise Conflict(f"remote LU {remote!r} is {remote_size} bytes, this LU "
                                        f"{size}: sizes must match")
+                before = http.get(f"/v1/lus/{quote(remote, safe='')}/replica-of")
+                claimed = before.status_code != 200
                 claim = http.put(f"/v1/lus/{quote(remote, safe='')}/replica-of", json={
                     "source_device": self.device.device_id, "source_lu": lu.name,
                     "source_uuid": lu.record.uuid})
@@ -261,7 +269,20 @@ class RemoteService:
         host_port = addresses[0].split("://", 1)[1].split("/", 1)[0]
         scheme = "nbds" if options.tls else "nbd"
         export = quote(f"{remote}:replica:{lu.record.uuid}", safe=":")
-        return created, f"{scheme}://{host_port}/{export}"
+        return created, claimed, f"{scheme}://{host_port}/{export}"
+
+    def _undo_prepare(self, config: RemoteConfig, lu: LogicalUnit, created: bool) -> None:
+        """A refused link leaves the remote device as it was: no new LU, no claim."""
+        path = f"/v1/lus/{quote(config.remote, safe='')}"
+        try:
+            with httpx.Client(base_url=config.device, timeout=30) as http:
+                if created:
+                    http.delete(path, params={"force": "true"})
+                else:
+                    http.delete(f"{path}/replica-of", params={"source_uuid": lu.record.uuid})
+        except httpx.HTTPError as exc:
+            log.warning("could not undo the remote side of a refused link",
+                        extra={"lu": lu.name, "error": str(exc)})
 
     # ------------------------------------------------------------ the remote side
 
@@ -291,6 +312,14 @@ class RemoteService:
         log.info("LU is now a remote copy", extra={"lu": name, "source_lu": source_lu,
                                                     "source_device": source_device})
         return self.copy_status(name)
+
+    def release_source(self, name: str, source_uuid: str) -> None:
+        """Forget that LU is the copy of the source LU ``source_uuid`` (a refused link)."""
+        self.device.get_lu(name)
+        source = self.source_of(name)
+        if source is None or source[2] != source_uuid:
+            raise NotFound(f"LU {name!r} is not the copy of LU {source_uuid}")
+        self.device.catalog.clear_replica_of(name)
 
     def copy_status(self, name: str) -> dict:
         self.device.get_lu(name)
