@@ -128,6 +128,43 @@ class DeviceCollector(Collector):
             lat = sorted(v.split_latencies)
             splits.add_metric([name], lat[int(len(lat) * 0.99)] if lat else 0.0)
         yield from (queue, seq, gens, members, mirrored, left, rate, failures, splits)
+        yield from self._replication()
+
+    def _replication(self) -> Iterator:
+        connected = GaugeMetricFamily("mirrorpool_replication_connected",
+                                      "1 while the link to the remote device is up", labels=["lu"])
+        consistent = GaugeMetricFamily("mirrorpool_replication_consistent",
+                                       "1 while the remote copy is consistent (journaling)",
+                                       labels=["lu"])
+        lag_seq = GaugeMetricFamily("mirrorpool_replication_lag_sequence",
+                                    "sequence numbers not yet answered by the remote device",
+                                    labels=["lu"])
+        lag_s = GaugeMetricFamily("mirrorpool_replication_lag_seconds",
+                                  "age of the oldest record not yet answered", labels=["lu"])
+        journal = GaugeMetricFamily("mirrorpool_replication_journal_bytes",
+                                    "replication journal in use", labels=["lu"])
+        limit = GaugeMetricFamily("mirrorpool_replication_journal_limit_bytes",
+                                  "replication journal limit", labels=["lu"])
+        dirty = GaugeMetricFamily("mirrorpool_replication_refresh_bytes",
+                                  "bytes to copy or compare before the copy is consistent",
+                                  labels=["lu"])
+        sent = CounterMetricFamily("mirrorpool_replication_sent_bytes",
+                                   "bytes written to the remote device", labels=["lu"])
+        skipped = CounterMetricFamily("mirrorpool_replication_triggers_not_replicated",
+                                      "triggers answered while the copy was not consistent",
+                                      labels=["lu"])
+        for s in self.device.remotes.all_status():
+            lu = [s["lu"]]
+            connected.add_metric(lu, 1 if s["connected"] else 0)
+            consistent.add_metric(lu, 1 if s["state"] == "consistent" else 0)
+            lag_seq.add_metric(lu, s["lag_seq"] or 0)
+            lag_s.add_metric(lu, s["lag_seconds"])
+            journal.add_metric(lu, s["journal_used"])
+            limit.add_metric(lu, s["journal_limit"])
+            dirty.add_metric(lu, s["dirty_bytes"] + s["compare_bytes"])
+            sent.add_metric(lu, s["sent_bytes"])
+            skipped.add_metric(lu, s["triggers_not_replicated"])
+        yield from (connected, consistent, lag_seq, lag_s, journal, limit, dirty, sent, skipped)
 
 
 def make_registry(device: Device, io: IoStats) -> CollectorRegistry:

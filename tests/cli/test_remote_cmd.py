@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import httpx
 
 from tests.helpers.processes import DeviceProcess
-from tests.mirror_support import api, qemu_io, wait_caught_up
+from tests.mirror_support import api, assert_identical, qemu_io, wait_caught_up, wait_until
 
 
 def test_add_status_list_remove(pair: tuple[DeviceProcess, DeviceProcess]) -> None:
@@ -22,6 +25,9 @@ def test_add_status_list_remove(pair: tuple[DeviceProcess, DeviceProcess]) -> No
     assert status["remote"] == "db-copy" and status["mode"] == "async"
     table = a.cli("remote", "status", "db").stdout
     assert "consistent" in table and "db-copy" in table
+    metrics = httpx.get(a.api + "/metrics").text
+    assert 'mirrorpool_replication_consistent{lu="db"} 1.0' in metrics
+    assert 'mirrorpool_replication_lag_sequence{lu="db"} 0.0' in metrics
     assert [s["lu"] for s in json.loads(a.cli("remote", "list", "--json").stdout)] == ["db"]
 
     made = json.loads(a.cli("trigger", "db", "--label", "cli", "--json").stdout)
@@ -65,3 +71,29 @@ def test_refusals_are_one_sentence(pair: tuple[DeviceProcess, DeviceProcess]) ->
     a.cli("remote", "add", "g", "--device", b.api)
     result = a.cli("lu", "resize", "g", "--size", "8M", check=False)
     assert result.returncode == 1 and "is replicated" in result.stderr
+
+
+def test_resync_compares_and_copies_only_what_differs(
+    pair: tuple[DeviceProcess, DeviceProcess],
+) -> None:
+    a, b = pair
+    a.cli("lu", "create", "v", "--size", "8M", "--pool", "1")
+    qemu_io(a.uri("v"), "write -P 0x3c 0 2M")
+    a.cli("remote", "add", "v", "--device", b.api)
+    wait_caught_up(a, "v")
+    # the copy's file goes bad behind the device's back (a disk's silent corruption)
+    uuid = api(b, "GET", "/v1/lus/v")["uuid"]  # type: ignore[index]
+    image = Path(b.data_dir) / "lu" / f"{uuid}.img"
+    with open(image, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"\xee" * 4096)
+    sent_before = api(a, "GET", "/v1/lus/v/remote")["sent_bytes"]  # type: ignore[index]
+    out = a.cli("remote", "resync", "v").stdout
+    assert "comparing" in out
+    wait_until(lambda: api(a, "GET", "/v1/lus/v/remote")["compared_bytes"] == 8 << 20, 30,
+               "the comparison")
+    status = wait_caught_up(a, "v")
+    assert status["sent_bytes"] - sent_before == 4096, status
+    assert_identical(a.uri("v"), b.uri("v"))
+    refused = a.cli("remote", "resync", "nope", check=False)
+    assert refused.returncode == 1 and "no LU named" in refused.stderr
