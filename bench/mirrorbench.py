@@ -508,8 +508,9 @@ def percentile_of(side: dict[str, Any], q: float) -> float:
 class Fio:
     """Runs fio in a session of its own, one at a time, and stops it by PID."""
 
-    def __init__(self, fio: str, outdir: Path) -> None:
+    def __init__(self, fio: str, outdir: Path, prefix: list[str] | None = None) -> None:
         self.fio = fio
+        self.prefix = prefix or []  # e.g. taskset, to pin fio to CPUs
         self.outdir = outdir
         self.proc: subprocess.Popen[bytes] | None = None
         self.count = 0
@@ -521,7 +522,7 @@ class Fio:
         self.count += 1
         self.out = self.outdir / f"fio-{self.count:03d}-{name}.json"
         self.log = self.outdir / f"fio-{self.count:03d}.log"
-        self.cmd = [self.fio, f"--name={name}", "--ioengine=nbd", f"--uri={uri}",
+        self.cmd = [*self.prefix, self.fio, f"--name={name}", "--ioengine=nbd", f"--uri={uri}",
                     "--numjobs=1", *options, "--output-format=json", f"--output={self.out}"]
         with open(self.log, "wb") as lf:
             self.proc = subprocess.Popen(self.cmd, stdout=lf, stderr=subprocess.STDOUT,

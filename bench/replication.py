@@ -65,10 +65,12 @@ class Device(MirrorpoolServer):
     """A device on fixed ports and one data directory, so it can be killed and restarted."""
 
     data: Path | None = None
+    cpus: str | None = None  # taskset CPU list, with --pin
 
     def command(self) -> list[str]:
         assert self.data is not None
-        return [*self.launcher, "serve", "--data", str(self.data),
+        pin = ["taskset", "-c", self.cpus] if self.cpus else []
+        return [*pin, *self.launcher, "serve", "--data", str(self.data),
                 "--listen", f"127.0.0.1:{self.port}", "--api", f"127.0.0.1:{self.api_port}"]
 
     def start(self) -> None:
@@ -158,9 +160,9 @@ def one_repeat(args: argparse.Namespace, tmp: Path, launcher: list[str],
                env: dict[str, str], rep: int, fio: Fio) -> dict[str, Any]:
     size = args.size * MIB
     a = Device("A", tmp / "unused", size, tmp, launcher=launcher, env=env,
-               data=tmp / f"a-{rep}")
+               data=tmp / f"a-{rep}", cpus="0" if args.pin else None)
     b = Device("B", tmp / "unused", size, tmp, launcher=launcher, env=env,
-               data=tmp / f"b-{rep}")
+               data=tmp / f"b-{rep}", cpus="1" if args.pin else None)
     out: dict[str, Any] = {"repeat": rep}
     try:
         a.start()
@@ -269,6 +271,9 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--size", type=int, default=1024, help="LU size in MiB")
     p.add_argument("--cut", type=int, default=30, help="seconds the link is cut")
+    p.add_argument("--pin", action="store_true",
+                   help="A and fio on CPU 0, B on CPU 1: B as on a machine of its own, "
+                        "so the ratios show the cost to A's host path alone")
     add_source_args(p)
     args = p.parse_args()
     check_tools(p, args, [args.fio])
@@ -277,8 +282,9 @@ def main() -> int:
         command = shlex.join(["bench/replication.py", *sys.argv[1:]])
         _, launcher, env, digest = header(command, args, tmp, {
             "config": f"LU {args.size} MiB pool 3 on A; fio randwrite 4 KiB iodepth 16, "
-                      f"{args.runtime}s per run; link cut {args.cut}s"})
-        fio = Fio(args.fio, tmp)
+                      f"{args.runtime}s per run; link cut {args.cut}s"
+                      + ("; pinned: A and fio on CPU 0, B on CPU 1" if args.pin else "")})
+        fio = Fio(args.fio, tmp, ["taskset", "-c", "0"] if args.pin else [])
         rows = []
         for rep in range(1, args.repeat + 1):
             print(f"[{time.strftime('%H:%M:%S')}] repeat {rep}/{args.repeat} "

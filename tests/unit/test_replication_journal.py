@@ -91,6 +91,7 @@ def test_segments_roll_over_and_go_once_sent(tmp_path: Path, monkeypatch) -> Non
     j = ReplicationJournal(str(tmp_path), 1 << 20)
     for seq in range(1, 10):
         j.append(_write(seq))
+    j.persist()  # what a host's acknowledgement waits for
     assert len([p for p in os.listdir(tmp_path) if p.endswith(".seg")]) == 3
     assert j.trim(4) is False  # the first segment (1-3) goes; 4 shares the second
     assert [r.seq for r, _ in j.records_after(4)] == [5, 6, 7, 8, 9]
@@ -150,4 +151,32 @@ def test_every_record_after_reads_past_the_first_batch(tmp_path: Path, reopen: b
         j.close()
         j = ReplicationJournal(str(tmp_path), 64 << 20)
     assert [r.seq for r in j.every_record_after(5)] == list(range(6, count + 1))
+    j.close()
+
+
+def test_records_reach_the_file_on_persist_in_sequence_order(tmp_path: Path) -> None:
+    """Appends only queue (no system call under the sequencer lock); persist writes."""
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    for seq in range(1, 6):
+        j.append(_write(seq))
+    seg = tmp_path / "00000000.seg"
+    assert seg.stat().st_size == 0
+    j.persist(upto_seq=2)  # writes everything queued, in one go
+    assert seg.stat().st_size == 5 * _write(1).size
+    j.persist(upto_seq=4)  # already written: nothing to do
+    j.append(_write(6))
+    j.sync()
+    j.close()
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    assert [r.seq for r, _ in j.records_after(0)] == [1, 2, 3, 4, 5, 6]
+    j.close()
+
+
+def test_trim_drops_queued_records_the_remote_device_already_has(tmp_path: Path) -> None:
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    for seq in range(1, 4):
+        j.append(_write(seq))
+    assert j.trim(3) is True
+    j.persist()
+    assert (tmp_path / "00000000.seg").stat().st_size == 0
     j.close()

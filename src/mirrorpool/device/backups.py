@@ -155,6 +155,7 @@ class BackupService:
                 if progress:
                     progress(done, total)
             volume.flush()
+            self.device.remotes.sync_journal(name)
         finally:
             with volume.seq.lock:
                 member.readers -= 1

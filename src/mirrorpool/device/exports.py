@@ -161,7 +161,7 @@ class PrimaryExport(Export):
             return self.device.triggers.begin([self.name], _label(payload), "in-band")
         return None
 
-    def _replicated(self, ticket: object, run: Callable[[], None]) -> None:
+    def _replicated(self, ticket: object, run: Callable[[], None], fua: bool) -> None:
         """Apply a mutation of a replicated LU, keeping the remote copy exact."""
         replicator = self.device.remotes.replicator(self.name)
         if replicator is None:  # the link went away since admission
@@ -174,7 +174,12 @@ class PrimaryExport(Export):
             first, stop = op.start // CHUNK, op.end // CHUNK  # type: ignore[attr-defined]
             replicator.diverged(BitMap(range(first, stop)))
             raise
-        replicator.wait_remote(ticket.seq or 0)  # type: ignore[attr-defined]
+        seq = ticket.seq or 0  # type: ignore[attr-defined]
+        # journalled before the host hears of it; durable with it when FUA asks
+        replicator.journal.persist(seq)
+        if fua:
+            replicator.journal.sync()
+        replicator.wait_remote(seq)
 
     def read_into(self, buf: memoryview, offset: int) -> None:
         self.volume.primary.read_into(buf, offset)
@@ -183,7 +188,7 @@ class PrimaryExport(Export):
         if self.name not in self.device.remotes:
             self.volume.write(ticket, data, offset, fua)  # type: ignore[arg-type]
             return
-        self._replicated(ticket, lambda: self.volume.write(ticket, data, offset, fua))  # type: ignore[arg-type]
+        self._replicated(ticket, lambda: self.volume.write(ticket, data, offset, fua), fua)  # type: ignore[arg-type]
 
     def zero(self, ticket: object, cmd: Command) -> None:
         def run() -> None:
@@ -195,7 +200,7 @@ class PrimaryExport(Export):
             )
 
         if self.name in self.device.remotes:
-            self._replicated(ticket, run)
+            self._replicated(ticket, run, bool(cmd.flags & CmdFlag.FUA))
         else:
             run()
 
@@ -205,7 +210,7 @@ class PrimaryExport(Export):
                              bool(cmd.flags & CmdFlag.FUA))
 
         if self.name in self.device.remotes:
-            self._replicated(ticket, run)
+            self._replicated(ticket, run, bool(cmd.flags & CmdFlag.FUA))
         else:
             run()
 
@@ -222,6 +227,7 @@ class PrimaryExport(Export):
 
     def flush(self) -> None:
         self.volume.flush()
+        self.device.remotes.sync_journal(self.name)
 
     def cache(self, offset: int, length: int) -> None:
         self.volume.primary.cache(offset, length)

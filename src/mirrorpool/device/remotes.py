@@ -449,6 +449,12 @@ class RemoteService:
         return {"lu": lu.name, "reverse": True, "bytes_compared": lu.size,
                 "bytes_copied": copied, "state": CONSISTENT}
 
+    def sync_journal(self, name: str) -> None:
+        """A host's FLUSH: the replication journal is as durable as the data it covers."""
+        replicator = self.replicator(name)
+        if replicator is not None:
+            replicator.journal.sync()
+
     # ------------------------------------------------------------ writes of the device itself
 
     def journal_hook(self, name: str, kind: Kind, offset: int, length: int,

@@ -138,6 +138,14 @@ class TriggerService:
             plan.volume.finish_split(plan)  # readable from here on
         seqs = [plan.op.seq or 0 for plan in pending.plans if plan.op is not None]
         names = [lu.name for lu in pending.lus]
+        for lu in pending.lus:
+            if pending.replicated.get(lu.name):
+                # a forwarded TRIGGER answered here must survive a crash here
+                replicator = self.device.remotes.replicator(lu.name)
+                if replicator is not None:
+                    replicator.journal.persist()
+                    if self.device.journal_sync:
+                        replicator.journal.sync()
         if self.device.journal_sync:
             # power-loss safe mode: the generation's data is on disk before it is answered
             for plan in pending.plans:

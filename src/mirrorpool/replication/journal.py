@@ -28,6 +28,7 @@ _CRC = struct.Struct(">I")
 SEGMENT_BYTES = 64 << 20
 MEMORY_BYTES = 64 << 20  # newest records also kept in memory, for the sender
 MEMORY_BATCH = 256
+WRITEV_MAX = 512  # records per writev (IOV_MAX is 1024)
 
 
 class Kind(IntEnum):
@@ -72,6 +73,14 @@ class ReplicationJournal:
         os.makedirs(directory, exist_ok=True)
         self._lock = threading.Lock()
         self._appended = threading.Condition(self._lock)
+        # Records are numbered and queued under the sequencer lock, and written to
+        # the file by persist() before the host's write is acknowledged: one
+        # writev for all that queued meanwhile, and no system call under the
+        # sequencer lock.  _io_lock keeps the file in sequence order; taken before _lock.
+        self._io_lock = threading.Lock()
+        self._pending: list[tuple[int, bytes, int]] = []  # (segment, record bytes, seq)
+        self._fd_index = -1
+        self._used = 0
         # segment index -> (bytes, last seq)
         self._segments: dict[int, tuple[int, int]] = {}
         self._fd = -1
@@ -105,6 +114,8 @@ class ReplicationJournal:
             self._segments[index] = (good, last)
             self.last_seq = max(self.last_seq, last)
         self._current = indexes[-1] if indexes else 0
+        self._segments.setdefault(self._current, (0, 0))
+        self._used = sum(size for size, _ in self._segments.values())
         self._open(self._current)
 
     def _open(self, index: int) -> None:
@@ -112,8 +123,7 @@ class ReplicationJournal:
             os.close(self._fd)
         self._fd = os.open(self._path(index), os.O_WRONLY | os.O_CREAT | os.O_APPEND
                            | os.O_CLOEXEC, 0o600)
-        self._current = index
-        self._segments.setdefault(index, (0, 0))
+        self._fd_index = index
 
     def _scan(self, index: int, start: int = 0) -> Iterator[tuple[Record, int]]:
         """Records of one segment from byte ``start``, each with the offset after it."""
@@ -144,8 +154,7 @@ class ReplicationJournal:
 
     @property
     def used(self) -> int:
-        with self._lock:
-            return sum(size for size, _ in self._segments.values())
+        return self._used
 
     def append(self, record: Record) -> None:
         """Append in sequence order (the caller holds the sequencer lock).
@@ -155,15 +164,16 @@ class ReplicationJournal:
         """
         data = record.encode()
         with self._lock:
-            used = sum(size for size, _ in self._segments.values())
-            if used + len(data) > self.limit and record.kind != Kind.STOP:
-                raise JournalFull(f"replication journal full ({used} of {self.limit} bytes)")
+            if self._used + len(data) > self.limit and record.kind != Kind.STOP:
+                raise JournalFull(f"replication journal full ({self._used} of {self.limit} "
+                                  "bytes)")
             size, _ = self._segments[self._current]
             if size and size + len(data) > SEGMENT_BYTES:
-                self._open(self._current + 1)
+                self._current += 1
                 size = 0
-            os.write(self._fd, data)
+            self._pending.append((self._current, data, record.seq))
             self._segments[self._current] = (size + len(data), record.seq)
+            self._used += len(data)
             self.last_seq = record.seq
             self.stopped = record.kind == Kind.STOP
             self._mem.append(record)
@@ -176,11 +186,35 @@ class ReplicationJournal:
                 self._disk_only_upto = dropped.seq
             self._compact_mem()
             self._appended.notify_all()
+        if record.kind == Kind.STOP:
+            self.persist()  # start-up after a crash must see it
+
+    def persist(self, upto_seq: int | None = None) -> None:
+        """Write the queued records to the file, in order (before a host is answered)."""
+        with self._io_lock:
+            with self._lock:
+                if not self._pending or (upto_seq is not None
+                                         and self._pending[0][2] > upto_seq):
+                    return  # another thread wrote it meanwhile
+                pending, self._pending = self._pending, []
+            start = 0
+            while start < len(pending):
+                index = pending[start][0]
+                stop = start
+                while stop < len(pending) and stop - start < WRITEV_MAX \
+                        and pending[stop][0] == index:
+                    stop += 1
+                if index != self._fd_index:
+                    self._open(index)
+                os.writev(self._fd, [data for _, data, _ in pending[start:stop]])
+                start = stop
 
     def sync(self) -> None:
-        with self._lock:
-            fd = self._fd
-        os.fdatasync(fd)
+        """Persist, then make the journal durable (a host's FLUSH or FUA write)."""
+        self.persist()
+        with self._io_lock:
+            if self._fd >= 0:
+                os.fdatasync(self._fd)
 
     def wait_for(self, after_seq: int, timeout: float) -> bool:
         """Wait until a record numbered above ``after_seq`` is in the journal."""
@@ -222,6 +256,7 @@ class ReplicationJournal:
             for record in batch:
                 yield record, None
             return
+        self.persist()  # the files must hold what memory no longer does
         with self._lock:
             indexes = sorted(i for i, (size, last) in self._segments.items()
                              if size and last > seq)
@@ -255,32 +290,43 @@ class ReplicationJournal:
 
         Returns True when the journal became empty (cursors into it are void).
         """
-        with self._lock:
+        with self._io_lock, self._lock:
             self._forget_mem(upto_seq)
+            # on the remote device's stable storage already: no need to write them here
+            while self._pending and self._pending[0][2] <= upto_seq:
+                self._pending.pop(0)
             done = [i for i, (size, last) in self._segments.items()
-                    if i != self._current and last <= upto_seq]
+                    if i != self._current and last <= upto_seq
+                    and not any(p[0] == i for p in self._pending)]
             for index in done:
-                del self._segments[index]
+                self._used -= self._segments.pop(index)[0]
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._path(index))
             size, last = self._segments[self._current]
-            if size and last <= upto_seq and len(self._segments) == 1:
+            if size and last <= upto_seq and len(self._segments) == 1 and not self._pending:
                 # everything was sent: the current segment starts again
-                os.ftruncate(self._fd, 0)
-                self._segments[self._current] = (0, 0)
+                self._truncate_current()
                 return True
             return False
 
+    def _truncate_current(self) -> None:
+        """Empty the current segment (both locks held)."""
+        if self._fd_index != self._current:
+            self._open(self._current)
+        os.ftruncate(self._fd, 0)
+        self._used -= self._segments[self._current][0]
+        self._segments[self._current] = (0, 0)
+
     def reset(self) -> None:
         """Forget every record (the remote copy is resynced from changed-block tracking)."""
-        with self._lock:
+        with self._io_lock, self._lock:
+            self._pending.clear()
             for index in list(self._segments):
                 if index != self._current:
-                    del self._segments[index]
+                    self._used -= self._segments.pop(index)[0]
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self._path(index))
-            os.ftruncate(self._fd, 0)
-            self._segments[self._current] = (0, 0)
+            self._truncate_current()
             self.stopped = False
             self._mem.clear()
             self._mem_seqs.clear()
@@ -288,7 +334,8 @@ class ReplicationJournal:
             self._disk_only_upto = self.last_seq
 
     def close(self) -> None:
-        with self._lock:
+        self.persist()
+        with self._io_lock, self._lock:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
