@@ -39,6 +39,13 @@ def test_add_status_list_remove(pair: tuple[DeviceProcess, DeviceProcess]) -> No
     assert row["gen"] == gen["gen"] and row["remote_gen"] is not None
     remote_table = b.cli("backups", "db-copy").stdout
     assert "origin seq" in remote_table and made["trigger_id"] in remote_table
+    # B's side of the link: the copy, its source, what it applied, the last trigger
+    copy = json.loads(b.cli("remote", "status", "db-copy", "--json").stdout)
+    assert copy["role"] == "copy" and copy["source_lu"] == "db" and copy["connected"]
+    assert copy["applied_bytes"] >= 64 * 1024
+    assert copy["last_remote_trigger"]["trigger_id"] == made["trigger_id"]
+    assert copy["last_remote_trigger"]["gen"] == row["remote_gen"]
+    assert "copy of" in b.cli("remote", "status", "db-copy").stdout
 
     assert "no longer replicated" in a.cli("remote", "remove", "db").stdout
     assert json.loads(a.cli("remote", "list", "--json").stdout) == []

@@ -96,10 +96,22 @@ _HEADERS = ("LU", "remote", "mode", "state", "connected", "lag", "journal", "to 
 
 @app.command("status")
 def status(name: str, api: ApiOption = DEFAULT_API, as_json: JsonOption = False) -> None:
-    """Replication state of NAME: connected, lag, journal use, last remote trigger."""
+    """Replication state of NAME: connected, lag, journal use, last remote trigger.
+
+    On the remote device, the copy's side: its source, link, what it applied."""
     s = call(api, "GET", f"/v1/lus/{name}/remote")
     if as_json:
         print_json(s)
+        return
+    if s.get("role") == "copy":
+        last = s.get("last_remote_trigger") or {}
+        table = Table("LU", "copy of", "link connected", "applied (this run)",
+                      "last trigger (origin seq -> gen here)")
+        table.add_row(s["lu"], f"{s['source_lu']} on device {s['source_device']}",
+                      "yes" if s["connected"] else "no",
+                      f"{s['applied_requests']} requests, {format_size(s['applied_bytes'])}",
+                      f"{last.get('origin_seq')} -> {last.get('gen')}" if last else "-")
+        console.print(table)
         return
     table = Table(*_HEADERS)
     table.add_row(*_row(s))

@@ -270,6 +270,8 @@ class ReplicaExport(PrimaryExport):
                 self.device.remotes.source_of(self.name) is None:
             raise StoreError(Errno.EPERM, f"LU {self.name} was promoted: it takes no more"
                                           " writes from its replication link")
+        if cmd.type in MUTATIONS:
+            self.device.remotes.note_applied(self.name, cmd.length)
         return super().admit(cmd, payload)
 
 

@@ -55,6 +55,7 @@ class RemoteService:
         self._lock = threading.Lock()
         self._replicators: dict[str, Replicator] = {}
         self._resyncing: set[str] = set()  # LUs being brought back in line from their copy
+        self._applied: dict[str, tuple[int, int]] = {}  # copy -> (requests, bytes) this run
 
     # ------------------------------------------------------------ start-up
 
@@ -322,12 +323,31 @@ class RemoteService:
         self.device.catalog.clear_replica_of(name)
 
     def copy_status(self, name: str) -> dict:
-        self.device.get_lu(name)
+        """The copy's side of a link: its source, whether the link is up, what it applied."""
+        lu = self.device.get_lu(name)
         source = self.source_of(name)
         if source is None:
             raise NotFound(f"LU {name!r} is not a remote copy of another device's LU")
-        return {"lu": name, "source_device": source[0], "source_lu": source[1],
-                "source_uuid": source[2], "since": source[3]}
+        links = [s for s in lu.sessions
+                 if getattr(getattr(s, "export", None), "kind", "") == "replica"]
+        last = None
+        for t in self.device.catalog.triggers(name, 50):
+            if t["source"] == "link" and t["outcome"] == "ok":
+                gen = next((g for g in self.device.backups.generations(name)
+                            if g.get("trigger_id") == t["id"]), {})
+                last = {"trigger_id": t["id"], "label": t["label"], "at": t["received"],
+                        "gen": gen.get("gen"), "origin_seq": gen.get("origin_seq")}
+                break
+        applied = self._applied.get(name, (0, 0))
+        return {"lu": name, "role": "copy", "source_device": source[0],
+                "source_lu": source[1], "source_uuid": source[2], "since": source[3],
+                "connected": bool(links), "applied_requests": applied[0],
+                "applied_bytes": applied[1], "last_remote_trigger": last}
+
+    def note_applied(self, name: str, nbytes: int) -> None:
+        """A mutation came in over the link (counted for the copy's status)."""
+        count, total = self._applied.get(name, (0, 0))
+        self._applied[name] = (count + 1, total + nbytes)
 
     def promote(self, name: str, gen: int | None = None) -> dict:
         """Make a remote copy (or one of its generations) a primary hosts can write."""
@@ -477,11 +497,14 @@ class RemoteService:
         shutil.rmtree(self._journal_dir(lu), ignore_errors=True)
 
     def status(self, name: str) -> dict:
+        """A link's state: the source's view, or on the remote device the copy's."""
         self.device.get_lu(name)
         replicator = self.replicator(name)
-        if replicator is None:
-            raise NotFound(f"LU {name!r} is not replicated")
-        return replicator.status()
+        if replicator is not None:
+            return {"role": "source", **replicator.status()}
+        if self.source_of(name) is not None:
+            return self.copy_status(name)
+        raise NotFound(f"LU {name!r} is not replicated")
 
     def all_status(self) -> list[dict]:
         with self._lock:
