@@ -7,6 +7,7 @@ and a link into an LU that is already another LU's copy is refused.
 from __future__ import annotations
 
 import json
+import time
 
 import nbd
 
@@ -135,3 +136,34 @@ def test_link_into_an_lu_with_writing_hosts_is_refused(
     assert status["compared_bytes"] == SIZE
     assert status["sent_bytes"] <= 64 * 1024
     assert_identical(a.uri("w"), b.uri("w"))
+
+
+def test_a_reverse_resync_refused_by_b_leaves_the_link_stopped_until_it_is_run_again(
+    pair: tuple[DeviceProcess, DeviceProcess],
+) -> None:
+    a, b = pair
+    _linked(a, b, "k")
+    b.cli("remote", "promote", "k")
+    qemu_io(b.uri("k"), "write -P 0x81 0 64k")
+    h = nbd.NBD()
+    h.connect_uri(b.uri("k"))  # a host still on B's primary
+    try:
+        result = a.cli("remote", "resync", "k", "--reverse", check=False)
+        assert result.returncode == 1 and "host connection" in " ".join(result.stderr.split())
+    finally:
+        close(h)
+    status = link_status(a, "k")
+    assert status["state"] == "reversing" and not status["connected"]
+    assert "run `mirrorpool remote resync k --reverse` again" in status["last_error"]
+    # across a restart of A too: the link must not refresh B from A's older data
+    a.stop()
+    a.start()
+    time.sleep(1)
+    assert link_status(a, "k")["state"] == "reversing"
+    qemu_io(b.uri("k"), "read -P 0x81 0 64k")
+    refused = a.cli("remote", "resync", "k", check=False)
+    assert refused.returncode == 1 and "did not finish" in " ".join(refused.stderr.split())
+    a.cli("remote", "resync", "k", "--reverse")
+    assert_identical(a.uri("k"), b.uri("k"))
+    qemu_io(a.uri("k"), "read -P 0x81 0 64k")
+    assert link_status(a, "k")["state"] == "consistent"

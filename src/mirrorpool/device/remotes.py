@@ -24,6 +24,7 @@ from mirrorpool.replication.journal import Kind, ReplicationJournal
 from mirrorpool.replication.link import (
     CONSISTENT,
     INCONSISTENT,
+    REVERSING,
     SYNCING,
     LinkOptions,
     RemoteConfig,
@@ -71,6 +72,10 @@ class RemoteService:
                                   dirty=BitMap.deserialize(dirty) if dirty else BitMap(),
                                   options=LinkOptions.from_json(options))
             replicator = self._make(lu, config)
+            if state == REVERSING:
+                replicator.last_error = ("a reverse resync did not finish: run `mirrorpool "
+                                         f"remote resync {lu_name} --reverse` again")
+                continue  # not started: it would overwrite what hosts wrote on the copy
             if not clean:
                 if state == CONSISTENT and not replicator.journal.stopped:
                     replicator.after_crash(divergent.get(lu_name, BitMap()))
@@ -394,6 +399,9 @@ class RemoteService:
         if replicator is None:
             raise NotFound(f"LU {name!r} is not replicated")
         if not reverse:
+            if replicator.state == REVERSING:
+                raise Conflict(f"a reverse resync of LU {name!r} did not finish: run it again "
+                               "with --reverse")
             replicator.compare_all()
             return replicator.status()
         return self._reverse(lu, replicator, force, progress)
@@ -420,6 +428,9 @@ class RemoteService:
             self._resyncing.add(lu.name)
         try:
             old.stop()
+            with lu.volume.seq.lock:
+                old.state = REVERSING
+            self._save(old)  # a crash from here on leaves the link stopped
             # the remote LU becomes this LU's copy again: its hosts must be gone
             self._prepare_remote(config.device, config.remote, lu, None, config.options)
             fetch = self._digest_fetcher(config)
@@ -453,14 +464,11 @@ class RemoteService:
                 replicator = self._make(lu, config, journal)
             self._save(replicator)
             replicator.start()
-        except BaseException:
-            # the link goes on from where it was: a forward refresh of everything
-            with self._lock:
-                if self._replicators.get(lu.name) is old:
-                    fresh = self._make(lu, old.config, old.journal)
-                    fresh.compare_all()
-                    self._save(fresh)
-                    fresh.start()
+        except BaseException as exc:
+            # The link stays stopped: restarted, it would refresh the remote LU from
+            # here and undo what hosts wrote there.  Running this again finishes it.
+            old.last_error = (f"reverse resync failed ({exc}): run `mirrorpool remote resync "
+                              f"{lu.name} --reverse` again")
             raise
         finally:
             with self._lock:

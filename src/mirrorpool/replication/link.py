@@ -48,6 +48,7 @@ CONSISTENT = "consistent"
 SYNCING = "syncing"
 REPLAYING = "replaying"  # after a crash here: the journal is sent, then a refresh
 INCONSISTENT = "inconsistent"
+REVERSING = "reversing"  # being brought in line from the remote copy: the link stays stopped
 REFRESH_RUN = 256  # chunks per refresh step (1 MiB)
 COMPARE_RUN = 4096  # chunks per compare step (16 MiB read here, 64 KiB of digests fetched)
 WINDOW = 64  # records sent before their replies are read
@@ -170,8 +171,9 @@ class Replicator:
                 client.sock.shutdown(socket.SHUT_RDWR)
         with self._replied:
             self._replied.notify_all()
-        self._thread.join(10)
-        self._flusher.join(10)
+        for thread in (self._thread, self._flusher):
+            if thread.ident is not None:  # started
+                thread.join(10)
 
     # ------------------------------------------------------------ data path (sequencer lock held)
 
