@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
 import struct
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,7 +142,7 @@ def test_libnbd_writes_and_reads_back_over_tls(server: TlsServer, certs: Certifi
         assert h.get_tls_negotiated()
         assert h.get_size() == SIZE
         round_trip(h, 3 * MiB, seed=1)
-        # a large pipelined read goes through the joined-buffer send path in full
+        # a large read reply is sent in several TLS writes, between which the reader may run
         assert h.pread(8 * MiB, 0)[3 * MiB : 4 * MiB] == random_bytes(MiB, 1)
     finally:
         h.shutdown()
@@ -247,6 +251,129 @@ def test_own_client_refuses_an_untrusted_server(server: TlsServer,
     # a plain client is told to use TLS
     with pytest.raises(NbdError):
         NbdClient(server.uri(scheme="nbd"))
+
+
+# ---------------------------------------------------------------- under load
+
+LOAD_BASE = 32 * MiB  # clear of what the tests above write
+LOAD_REGION = 8 * MiB  # per connection
+LOAD_CONNECTIONS = 4
+DEPTH = 48
+
+
+def _keep_in_flight(h: nbd.NBD, requests: Iterator[tuple[int, Callable[[], None]]]) -> int:
+    """Submit requests (cookie, check once answered) with up to DEPTH issued and not
+    yet answered until all are answered; returns the most there were at once."""
+    in_flight: dict[int, Callable[[], None]] = {}
+    peak = 0
+
+    def settle(below: int) -> None:
+        while len(in_flight) > below:
+            cookie = h.aio_peek_command_completed()
+            if cookie:
+                h.aio_command_completed(cookie)  # raises if the server failed it
+                in_flight.pop(cookie)()
+            else:
+                h.poll(-1)
+
+    for cookie, check in requests:
+        in_flight[cookie] = check
+        peak = max(peak, len(in_flight))
+        settle(DEPTH - 1)
+    settle(0)
+    return peak
+
+
+def _load(h: nbd.NBD, base: int, seed: int) -> int:
+    """Writes of mixed sizes in random order, reads of what they already wrote and
+    flushes among them, then every byte read back; all pipelined."""
+    rng = random.Random(seed)
+    expected = random_bytes(LOAD_REGION, seed)
+    chunks: list[tuple[int, int]] = []
+    off = 0
+    while off < LOAD_REGION:
+        # 256 KiB and over: served by the server's helper threads, the rest inline
+        n = min(LOAD_REGION - off, rng.choice((4096, 4096, 16384, 65536, 262144)))
+        chunks.append((off, n))
+        off += n
+    rng.shuffle(chunks)
+    written: list[tuple[int, int]] = []
+
+    def read(off: int, n: int) -> tuple[int, Callable[[], None]]:
+        buf = nbd.Buffer(n)
+
+        def check() -> None:
+            assert buf.to_bytearray() == expected[off : off + n], f"bad data at {base + off}"
+        return h.aio_pread(buf, base + off), check
+
+    def mixed() -> Iterator[tuple[int, Callable[[], None]]]:
+        for i, (off, n) in enumerate(chunks):
+            buf = nbd.Buffer.from_bytearray(bytearray(expected[off : off + n]))
+            yield h.aio_pwrite(buf, base + off), lambda c=(off, n): written.append(c)
+            if written and rng.random() < 0.5:
+                yield read(*rng.choice(written))
+            if i % 64 == 63:
+                yield h.aio_flush(), lambda: None
+
+    peak = _keep_in_flight(h, mixed())
+    return max(peak, _keep_in_flight(h, (read(off, n) for off, n in chunks)))
+
+
+def test_pipelined_load_on_several_connections(server: TlsServer, certs: Certificates) -> None:
+    """Many requests in flight on each connection: the server reads requests while its
+    helpers send replies on the same TLS connection."""
+    log_before = server.device.log_text() if server.device is not None else ""
+    handles = [libnbd_handle(server, certs.good) for _ in range(LOAD_CONNECTIONS)]
+    try:
+        with ThreadPoolExecutor(LOAD_CONNECTIONS) as pool:
+            peaks = list(pool.map(lambda i: _load(handles[i], LOAD_BASE + i * LOAD_REGION,
+                                                  seed=100 + i), range(LOAD_CONNECTIONS)))
+        assert min(peaks) >= 32, peaks
+    finally:
+        for h in handles:
+            h.shutdown()
+    if server.device is not None:
+        # no connection of this test ended on an error (earlier tests' may have)
+        log = server.device.log_text()[len(log_before):]
+        assert "Traceback" not in log and "closing connection" not in log, log
+
+
+def test_fio_over_tls(server: TlsServer, certs: Certificates) -> None:
+    """fio's nbd engine, two connections at queue depth 32, verified."""
+    need("fio")
+    if b"uri" not in run(["fio", "--enghelp=nbd"], timeout=30, check=False).stdout:
+        pytest.skip("this fio has no nbd engine")
+    # fio's engine refuses ?tls-certificates= (libnbd lets only programs that opt in
+    # read local files named in a URI), so libnbd must find the CA in its default
+    # directory: $HOME/.pki/libnbd for users other than root.  Root's is
+    # /etc/pki/libnbd, not a test's to write: as root, fio runs as nobody.
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if not shutil.which("runuser"):
+            pytest.skip("fio over TLS needs a user other than root, and runuser")
+        prefix = ["runuser", "-u", "nobody", "--"]
+    home = Path(tempfile.mkdtemp(prefix="fio-tls-"))  # pytest's tmp_path is root's alone
+    try:
+        (home / ".pki" / "libnbd").mkdir(parents=True)
+        shutil.copy(certs.good / "ca-cert.pem", home / ".pki" / "libnbd" / "ca-cert.pem")
+        for path in (home, home / ".pki", home / ".pki" / "libnbd"):
+            path.chmod(0o777)  # fio leaves verify state files in its working directory
+        (home / ".pki" / "libnbd" / "ca-cert.pem").chmod(0o644)
+        result = run([*prefix, "env", f"HOME={home}", "fio", "--name=tls", "--ioengine=nbd",
+                      f"--uri={server.uri()}", "--rw=randwrite", "--bsrange=4k-1m",
+                      f"--offset={LOAD_BASE}", "--size=8M", "--numjobs=2",
+                      "--offset_increment=8M", "--iodepth=32", "--verify=crc32c",
+                      "--do_verify=1", "--verify_fatal=1", "--output-format=json"],
+                     timeout=120, check=False, cwd=home)
+    finally:
+        shutil.rmtree(home)
+    out = result.stdout.decode(errors="replace")
+    assert result.returncode == 0, out + result.stderr.decode(errors="replace")
+    jobs = json.loads(out[out.index("{"):])["jobs"]
+    assert len(jobs) == 2
+    for job in jobs:
+        assert job["error"] == 0, job
+        assert job["write"]["io_bytes"] == job["read"]["io_bytes"] == 8 * MiB, job
 
 
 # ---------------------------------------------------------------- client certificates

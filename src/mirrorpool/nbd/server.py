@@ -36,6 +36,7 @@ from mirrorpool.metrics import IoStats, OpStats
 from mirrorpool.mirror.volume import TriggerRefused
 from mirrorpool.nbd import codec as c
 from mirrorpool.nbd.constants import Cmd, CmdFlag, Errno, Info, Opt, Rep
+from mirrorpool.nbd.tls import TlsStream
 from mirrorpool.net import ListenError, listen_tcp
 from mirrorpool.store import FastZeroUnsupported, StoreError
 
@@ -233,7 +234,9 @@ class NbdServer:
 class Connection:
     def __init__(self, server: NbdServer, sock: socket.socket, peer: str) -> None:
         self.server = server
-        self.sock = sock
+        # After STARTTLS a TlsStream, which has the few socket methods used here:
+        # the plain path keeps the socket's own, with nothing in between.
+        self.sock: socket.socket | TlsStream = sock
         self.peer = peer
         self.codec = c.ServerCodec(tls=server.tls_mode)
         self.finished = threading.Event()
@@ -272,10 +275,8 @@ class Connection:
         self._shutdown(socket.SHUT_RDWR)
 
     def _shutdown(self, how: int) -> None:
-        # The plain socket's shutdown even under TLS: SSLSocket.shutdown drops its TLS
-        # state, which the reading thread may be using at this very moment.
         with contextlib.suppress(OSError):
-            socket.socket.shutdown(self.sock, how)
+            self.sock.shutdown(how)  # under TLS too, the TCP socket's alone
 
     # ---------------------------------------------------------------- negotiation
 
@@ -372,13 +373,13 @@ class Connection:
         self._contexts = {}
         self._context_export = None
         assert self.server.tls is not None
+        # Not ssl.SSLSocket: its reads and writes may not run on several threads at once.
+        stream = TlsStream(self.sock, self.server.tls, server_side=True)
         try:
-            # The socket's negotiation timeout bounds the handshake too.
-            self.sock = self.server.tls.wrap_socket(self.sock, server_side=True)
+            stream.do_handshake()  # the socket's negotiation timeout bounds it too
         except OSError as exc:  # ssl.SSLError is one
             raise c.ProtocolError(f"TLS handshake failed: {exc}") from None
-        # SSLSocket has no sendmsg; the plain path keeps its own, untouched.
-        self._send = self._send_joined  # type: ignore[method-assign]
+        self.sock = stream
 
     def _answer_meta_context(self, event: c.MetaContextOption) -> None:
         opt = Opt.SET_META_CONTEXT if event.set else Opt.LIST_META_CONTEXT
@@ -624,17 +625,11 @@ class Connection:
 
     def _send(self, *parts: bytes | memoryview) -> None:
         with self._send_lock:
-            sent = self.sock.sendmsg(parts)
+            sent = self.sock.sendmsg(parts)  # TlsStream's sends everything
             total = sum(len(p) for p in parts)
             if sent < total:
                 rest = b"".join(bytes(p) for p in parts)[sent:]
                 self.sock.sendall(rest)
-
-    def _send_joined(self, *parts: bytes | memoryview) -> None:
-        """``_send`` over TLS: one buffer, so the parts share TLS records."""
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        with self._send_lock:
-            self.sock.sendall(data)
 
     def _serve(
         self, cmd: c.Command, view: memoryview, verdict: tuple[Errno, str], ticket: object,
