@@ -168,7 +168,9 @@ class Replicator:
         if client is not None:
             # a send or a reply the remote device never gives must not hold up the stop
             with contextlib.suppress(OSError):
-                client.sock.shutdown(socket.SHUT_RDWR)
+                # the TCP socket's own shutdown: an SSLSocket's would drop its TLS
+                # state under the sender thread
+                socket.socket.shutdown(client.sock, socket.SHUT_RDWR)
         with self._replied:
             self._replied.notify_all()
         for thread in (self._thread, self._flusher):
