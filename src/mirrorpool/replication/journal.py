@@ -49,13 +49,23 @@ class Record:
     seq: int
     offset: int
     length: int
-    payload: bytes = b""
+    # a WRITE's data may be a view (of the server's buffer, or of the encoded record)
+    payload: bytes | memoryview = b""
 
     def encode(self) -> bytes:
+        """The record as on file; copies the payload once (its view may be reused)."""
         head = _HEAD.pack(MAGIC, self.kind, self.seq, self.offset, self.length,
                           len(self.payload))
-        body = head + self.payload
-        return body + _CRC.pack(zlib.crc32(body))
+        crc = zlib.crc32(self.payload, zlib.crc32(head))
+        return b"".join((head, self.payload, _CRC.pack(crc)))
+
+    def kept(self, encoded: bytes) -> Record:
+        """The same record with its payload a view of ``encoded`` (no second copy)."""
+        if self.kind != Kind.WRITE:
+            return self if isinstance(self.payload, bytes) else \
+                Record(self.kind, self.seq, self.offset, self.length, bytes(self.payload))
+        view = memoryview(encoded)[_HEAD.size : _HEAD.size + len(self.payload)]
+        return Record(self.kind, self.seq, self.offset, self.length, view)
 
     @property
     def size(self) -> int:
@@ -80,6 +90,8 @@ class ReplicationJournal:
         self._io_lock = threading.Lock()
         self._pending: list[tuple[int, bytes, int]] = []  # (segment, record bytes, seq)
         self._fd_index = -1
+        self._fd_end = 0  # bytes of records in the file of _fd_index
+        self._written: dict[int, int] = {}  # the same, for segments written before
         self._used = 0
         # segment index -> (bytes, last seq)
         self._segments: dict[int, tuple[int, int]] = {}
@@ -112,6 +124,7 @@ class ReplicationJournal:
             if os.path.getsize(self._path(index)) != good:
                 os.truncate(self._path(index), good)  # a torn tail: never sent
             self._segments[index] = (good, last)
+            self._written[index] = good
             self.last_seq = max(self.last_seq, last)
         self._current = indexes[-1] if indexes else 0
         self._segments.setdefault(self._current, (0, 0))
@@ -121,9 +134,18 @@ class ReplicationJournal:
     def _open(self, index: int) -> None:
         if self._fd >= 0:
             os.close(self._fd)
-        self._fd = os.open(self._path(index), os.O_WRONLY | os.O_CREAT | os.O_APPEND
-                           | os.O_CLOEXEC, 0o600)
+        self._fd = os.open(self._path(index), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._fd_index = index
+        # Where the next record goes: after the last whole record (start-up cut any
+        # torn tail).  The segment's space is allocated once, up front: an append
+        # that allocates blocks costs several times the copy itself.  Past the
+        # records the file reads as zeros, which no record begins with.
+        self._fd_end = self._written.get(index, 0)
+        self._preallocate()
+
+    def _preallocate(self) -> None:
+        with contextlib.suppress(OSError):  # a file system without it: plain writes
+            os.posix_fallocate(self._fd, 0, SEGMENT_BYTES)
 
     def _scan(self, index: int, start: int = 0) -> Iterator[tuple[Record, int]]:
         """Records of one segment from byte ``start``, each with the offset after it."""
@@ -176,7 +198,7 @@ class ReplicationJournal:
             self._used += len(data)
             self.last_seq = record.seq
             self.stopped = record.kind == Kind.STOP
-            self._mem.append(record)
+            self._mem.append(record.kept(data))
             self._mem_seqs.append(record.seq)
             self._mem_bytes += len(data)
             while self._mem_bytes > MEMORY_BYTES and self._mem_start < len(self._mem):
@@ -206,7 +228,10 @@ class ReplicationJournal:
                     stop += 1
                 if index != self._fd_index:
                     self._open(index)
-                os.writev(self._fd, [data for _, data, _ in pending[start:stop]])
+                datas = [data for _, data, _ in pending[start:stop]]
+                os.pwritev(self._fd, datas, self._fd_end)
+                self._fd_end += sum(len(d) for d in datas)
+                self._written[index] = self._fd_end
                 start = stop
 
     def sync(self) -> None:
@@ -300,6 +325,7 @@ class ReplicationJournal:
                     and not any(p[0] == i for p in self._pending)]
             for index in done:
                 self._used -= self._segments.pop(index)[0]
+                self._written.pop(index, None)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._path(index))
             size, last = self._segments[self._current]
@@ -314,6 +340,8 @@ class ReplicationJournal:
         if self._fd_index != self._current:
             self._open(self._current)
         os.ftruncate(self._fd, 0)
+        self._fd_end = self._written[self._current] = 0
+        self._preallocate()
         self._used -= self._segments[self._current][0]
         self._segments[self._current] = (0, 0)
 
@@ -324,6 +352,7 @@ class ReplicationJournal:
             for index in list(self._segments):
                 if index != self._current:
                     self._used -= self._segments.pop(index)[0]
+                    self._written.pop(index, None)
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self._path(index))
             self._truncate_current()

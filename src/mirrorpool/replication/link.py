@@ -183,7 +183,8 @@ class Replicator:
                     payload: bytes | memoryview = b"") -> None:
         if self.state == CONSISTENT:
             try:
-                self.journal.append(Record(kind, seq, offset, length, bytes(payload)))
+                # the payload is the server's buffer: append copies it, once
+                self.journal.append(Record(kind, seq, offset, length, payload))
                 now = time.monotonic()
                 if not self._stamps or now - self._stamps[-1][1] > STAMP_EVERY:
                     self._stamps.append((seq, now))
@@ -340,8 +341,9 @@ class Replicator:
             if self._stopping:
                 return
             self._give_up_if_gone_too_long()
-            self._wake.wait(backoff)
-            self._wake.clear()
+            # not _wake: host writes set it all the time, and would turn the
+            # back-off into a loop of connection attempts
+            self._stop_event.wait(backoff)
             backoff = min(backoff * 2, 2.0)
 
     def _connect(self, contexts: tuple[str, ...] = (), uri: str | None = None) -> NbdClient:
