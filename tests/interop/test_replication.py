@@ -9,6 +9,7 @@ generation for that trigger byte for byte (qemu-img compare).
 from __future__ import annotations
 
 import signal
+import time
 
 from tests.helpers.processes import DeviceProcess
 from tests.mirror_support import (
@@ -100,6 +101,15 @@ def test_link_resumes_after_the_remote_device_restarts(
     status = link_status(a, "c")
     assert not status["connected"]
     assert status["lag_seq"] > 0 and status["journal_used"] > 0
+    # while B is away and hosts write, A backs off between attempts (0.1 s doubling
+    # to 2 s) instead of retrying at every write
+    before = a.log_text().count("replication link down")
+    deadline = time.monotonic() + 3
+    n = 0
+    while time.monotonic() < deadline:
+        qemu_io(a.uri("c"), f"write -P 0x54 {(n % 64) * 4096} 4k")
+        n += 1
+    assert a.log_text().count("replication link down") - before <= 6
     b.start()
     wait_caught_up(a, "c")
     rows = {r["trigger_id"]: r for r in remote_gens(a, "c")}
