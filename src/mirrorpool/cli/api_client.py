@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
 from rich.console import Console
+from rich.progress import Progress
 
 DEFAULT_API = "http://127.0.0.1:10880"
 
@@ -42,6 +44,17 @@ def call(api: str, method: str, path: str, **kwargs: Any) -> Any:
     if response.status_code == 204 or not response.content:
         return None
     return response.json()
+
+
+def wait_job(api: str, job: dict, title: str, quiet: bool) -> dict:
+    """Poll a job the device started (restore, reverse resync) with a progress bar."""
+    with Progress(console=console, disable=quiet, transient=True) as progress:
+        task = progress.add_task(title, total=None)
+        while job["state"] == "running":
+            time.sleep(0.2)
+            job = call(api, "GET", f"/v1/jobs/{job['id']}")
+            progress.update(task, completed=job["done"], total=job["total"] or None)
+    return job
 
 
 def print_json(value: Any) -> None:

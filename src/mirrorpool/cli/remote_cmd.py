@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import time
 from typing import Annotated
 
 import typer
-from rich.progress import Progress
 from rich.table import Table
 
 from mirrorpool.cli.api_client import (
@@ -18,6 +16,7 @@ from mirrorpool.cli.api_client import (
     console,
     fail,
     print_json,
+    wait_job,
 )
 from mirrorpool.sizes import format_size, parse_size
 
@@ -180,12 +179,7 @@ def resync(
             console.print(f"{name}: comparing with the remote copy; `mirrorpool remote status "
                           f"{name}` shows progress", highlight=False)
         return
-    with Progress(console=console, disable=as_json, transient=True) as progress:
-        task = progress.add_task(f"bringing {name} in line with its remote copy", total=None)
-        while job["state"] == "running":
-            time.sleep(0.2)
-            job = call(api, "GET", f"/v1/jobs/{job['id']}")
-            progress.update(task, completed=job["done"], total=job["total"] or None)
+    job = wait_job(api, job, f"bringing {name} in line with its remote copy", as_json)
     if job["state"] != "done":
         fail(f"reverse resync failed: {job['error']}")
     r = job["result"]

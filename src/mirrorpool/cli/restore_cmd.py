@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 import typer
-from rich.progress import Progress
 
 from mirrorpool.cli.api_client import (
     DEFAULT_API,
@@ -16,6 +14,7 @@ from mirrorpool.cli.api_client import (
     console,
     fail,
     print_json,
+    wait_job,
 )
 
 
@@ -28,12 +27,7 @@ def restore_command(
 ) -> None:
     """Bring NAME back to generation GEN, copying only the chunks that differ."""
     job = call(api, "POST", f"/v1/lus/{name}/restore", json={"gen": gen, "force": force})
-    with Progress(console=console, disable=as_json, transient=True) as progress:
-        task = progress.add_task(f"restoring {name} from {gen}", total=None)
-        while job["state"] == "running":
-            time.sleep(0.2)
-            job = call(api, "GET", f"/v1/jobs/{job['id']}")
-            progress.update(task, completed=job["done"], total=job["total"] or None)
+    job = wait_job(api, job, f"restoring {name} from {gen}", as_json)
     if job["state"] != "done":
         fail(f"restore failed: {job['error']}")
     if as_json:
