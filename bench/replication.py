@@ -179,7 +179,9 @@ def one_repeat(args: argparse.Namespace, tmp: Path, launcher: list[str],
               flush=True)
 
         t0 = time.monotonic()
-        a.cli("remote", "add", LU_NAME, "--device", b.api_url, "--remote-pool", "3")
+        # a journal that holds the whole cut below, so the catch-up replays it
+        a.cli("remote", "add", LU_NAME, "--device", b.api_url, "--remote-pool", "3",
+              "--journal-limit", f"{args.journal_limit}M")
         wait_caught_up(api, 900)
         out["initial_copy_s"] = time.monotonic() - t0
         out["async"] = run_fio(fio, "async", uri, args.runtime, size, sample=a.api_port)
@@ -191,12 +193,14 @@ def one_repeat(args: argparse.Namespace, tmp: Path, launcher: list[str],
         b.kill()
         used0 = status(api)["journal_used"]
         fio.run("cut", uri, fio_options(args.cut, size), args.cut + 120)
-        backlog = status(api)["journal_used"] - used0
+        cut = status(api)
+        backlog = cut["journal_used"] - used0
         t0 = time.monotonic()
         b.start()
         took = wait_caught_up(api, 900)
         out["catch_up"] = {"cut_s": args.cut, "backlog_mib": backlog / MIB, "seconds": took,
-                           "mib_per_s": backlog / MIB / took if took else float("nan")}
+                           "mib_per_s": backlog / MIB / took if took else float("nan"),
+                           "state_after_cut": cut["state"]}
         print(f"[{time.strftime('%H:%M:%S')}] repeat {rep}: catch-up {out['catch_up']}",
               flush=True)
 
@@ -255,7 +259,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         f"{med(('async', 'lag_seq_median')):,.0f} / {med(('async', 'lag_seq_max')):,.0f}, "
         f"{med(('async', 'lag_s_max')):.2f} s | | |",
         f"| async: caught up after fio stopped | {med(('async', 'catch_up_after_s')):.2f} s | | |",
-        f"| catch-up after a {rows[0]['catch_up']['cut_s']} s cut: backlog, time, rate | "
+        f"| catch-up after a {rows[0]['catch_up']['cut_s']} s cut "
+        f"({', '.join(sorted({r['catch_up']['state_after_cut'] for r in rows}))} "
+        "after it): backlog, time, rate | "
         f"{med(('catch_up', 'backlog_mib')):.0f} MiB, {med(('catch_up', 'seconds')):.1f} s, "
         f"{med(('catch_up', 'mib_per_s')):.0f} MiB/s | | |",
         f"| resync after 1 % changed: bytes sent / LU | "
@@ -271,6 +277,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--size", type=int, default=1024, help="LU size in MiB")
     p.add_argument("--cut", type=int, default=30, help="seconds the link is cut")
+    p.add_argument("--journal-limit", type=int, default=4096,
+                   help="MiB of replication journal for the async link and the cut")
     p.add_argument("--pin", action="store_true",
                    help="A and fio on CPU 0, B on CPU 1: B as on a machine of its own, "
                         "so the ratios show the cost to A's host path alone")
