@@ -134,7 +134,7 @@ def list_(api: ApiOption = DEFAULT_API, as_json: JsonOption = False) -> None:
 
 @app.command("remove")
 def remove(name: str, api: ApiOption = DEFAULT_API) -> None:
-    """Stop replicating NAME (the remote LU and its generations stay)."""
+    """Stop replicating NAME (the remote LU stays a read-only copy, with its generations)."""
     call(api, "DELETE", f"/v1/lus/{name}/remote")
     console.print(f"{name} is no longer replicated", highlight=False)
 
