@@ -226,3 +226,36 @@ def test_slow_link_reset_link_and_a_link_gone_too_long(proxied: Link) -> None:
     assert flags[-1] is True, flags
     status = link_status(link.a, "g")
     assert status["triggers_not_replicated"] >= 1
+
+
+def test_strict_sync_link_holds_a_write_until_b_has_it(proxied: Link) -> None:
+    """--sync-timeout 0: a write is answered only once B answered it, however long."""
+    link = proxied
+    assert link.proxy is not None
+    _replicate(link, "z", "--mode", "sync", "--sync-timeout", "0")
+    h = nbd.NBD()
+    h.connect_uri(link.a.uri("z"))
+    done = threading.Event()
+    block = b"\x5a" * BLOCK
+
+    def write() -> None:
+        h.pwrite(block, 2 * BLOCK)
+        done.set()
+
+    link.proxy.stall()
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert not done.wait(3), "answered while B could not have it"
+        assert not link_status(link.a, "z")["degraded"]
+    finally:
+        link.proxy.resume()
+    assert done.wait(60)
+    writer.join()
+    close(h)
+    hb = nbd.NBD()
+    hb.connect_uri(link.b.uri("z"))
+    try:
+        assert hb.pread(BLOCK, 2 * BLOCK) == block
+    finally:
+        close(hb)

@@ -130,9 +130,10 @@ class RemoteAdd(BaseModel):
     remote_pool: int = Field(3, ge=1, le=64, description="pool size of a remote LU created now")
     mode: str = Field("async", description="async | sync")
     journal_limit: Size = Field(1 << 30, description="replication journal limit, bytes")
-    sync_timeout: float = Field(5.0, gt=0, le=3600,
+    sync_timeout: float = Field(5.0, ge=0, le=3600,
                                 description="sync mode: seconds to wait for the remote device "
-                                            "before going on as async")
+                                            "before going on as async (0: no limit, until "
+                                            "the link gives up)")
     link_timeout: float = Field(30.0, gt=0, le=3600,
                                 description="seconds without an answer before the link is "
                                             "taken as down")

@@ -41,7 +41,8 @@ def add(
                                 "changed-block tracking (K/M/G/T)")] = "1G",
     sync_timeout: Annotated[float, typer.Option(
         "--sync-timeout", help="sync mode: seconds to wait for the remote device before "
-                               "acknowledging without it")] = 5.0,
+                               "acknowledging without it (0: no limit, until "
+                               "--give-up-after)")] = 5.0,
     link_timeout: Annotated[float, typer.Option(
         "--link-timeout", help="seconds without an answer before the link is taken as "
                                "down")] = 30.0,

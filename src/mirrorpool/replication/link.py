@@ -65,6 +65,7 @@ class LinkOptions:
     """How a link behaves; kept as JSON with the link in the catalog."""
 
     sync_timeout: float = 5.0  # sync mode: wait this long for the remote, then go on async
+    # (0: wait until it answers, or until the link gives up after give_up_after)
     link_timeout: float = 30.0  # an unanswered request this old means the link is down
     give_up_after: float = 600.0  # link down this long: stop journaling, refresh later
     nbd_address: str | None = None  # HOST:PORT of the remote NBD server, if not the one it reports
@@ -256,10 +257,11 @@ class Replicator:
         """Sync mode: return once the remote device answered the mutation ``seq``."""
         if self.config.mode != "sync" or self.state != CONSISTENT or self.degraded:
             return
+        timeout = self.config.options.sync_timeout or None  # 0: as long as B takes
         with self._replied:
             ok = self._replied.wait_for(
                 lambda: self.replied_seq >= seq or self._stopping or self.state != CONSISTENT,
-                self.config.options.sync_timeout)
+                timeout)
         if not ok:
             self.degraded = True
             log.warning("sync replication degraded: the remote device did not answer in time",
