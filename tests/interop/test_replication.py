@@ -24,6 +24,7 @@ from tests.mirror_support import (
     remote_gens,
     run,
     wait_caught_up,
+    wait_until,
 )
 
 SIZE = 8 * MiB
@@ -152,3 +153,23 @@ def test_a_link_to_an_lu_of_another_size_is_refused(
                    check=False)
     assert result.returncode == 1 and "mode must be one of" in result.stderr
     assert api(a, "GET", "/v1/remotes") == []
+
+
+def test_a_clean_restart_after_giving_up_still_copies_what_the_journal_held(
+    pair: tuple[DeviceProcess, DeviceProcess],
+) -> None:
+    """The writes journalled before the link gave up reach B after A restarts cleanly."""
+    a, b = pair
+    api(a, "POST", "/v1/lus", {"name": "j", "size": SIZE, "pool": 1}, expect=201)
+    add_link(a, b, "j", "--give-up-after", "1")
+    wait_caught_up(a, "j")
+    b.stop(signal.SIGKILL)
+    qemu_io(a.uri("j"), "write -P 0x61 0 512k")  # journalled: B is away
+    wait_until(lambda: link_status(a, "j")["state"] == "inconsistent", 30,
+               "the link to give up")
+    qemu_io(a.uri("j"), "write -P 0x62 4M 64k")  # after giving up: a dirty chunk
+    a.stop()  # clean
+    a.start()
+    b.start()
+    wait_caught_up(a, "j", 60)
+    assert_identical(a.uri("j"), b.uri("j"))

@@ -41,6 +41,10 @@ def test_promote_write_on_the_copy_then_reverse_resync_copies_only_what_differs(
 ) -> None:
     a, b = pair
     _linked(a, b, "f")
+    # nothing to bring back from a copy that was never promoted
+    early = a.cli("remote", "resync", "f", "--reverse", check=False)
+    assert early.returncode == 1 and "not promoted" in " ".join(early.stderr.split())
+    assert link_status(a, "f")["state"] == "consistent"
     qemu_io(a.uri("f"), "write -P 0x11 0 4M")
     api_trigger(a, "f", "before-failover")
     wait_caught_up(a, "f")

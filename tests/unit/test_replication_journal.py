@@ -89,6 +89,7 @@ def test_the_limit_is_kept_and_trim_frees_space(tmp_path: Path) -> None:
         j.append(_write(seq, 1000))
     with pytest.raises(JournalFull):
         j.append(_write(4, 1000))
+    j.persist()  # as before any host is answered
     assert j.trim(3) is True  # everything sent: the journal is empty again
     assert j.used == 0
     j.append(_write(4, 1000))
@@ -181,11 +182,21 @@ def test_records_reach_the_file_on_persist_in_sequence_order(tmp_path: Path) -> 
     j.close()
 
 
-def test_trim_drops_queued_records_the_remote_device_already_has(tmp_path: Path) -> None:
+def test_a_trim_before_a_record_is_written_leaves_no_gap_on_file(tmp_path: Path) -> None:
+    """The sender may have a record answered before its host thread wrote it to file.
+
+    Trimming must not drop it from the queue: a later record would reach the file
+    without it, and a replay after a crash from an older saved position would skip it.
+    """
     j = ReplicationJournal(str(tmp_path), 1 << 20)
     for seq in range(1, 4):
         j.append(_write(seq))
-    assert j.trim(3) is True
+    j.persist()  # hosts of 1 to 3 answered
+    j.append(_write(4))  # queued; its host thread is still writing the data
+    assert j.trim(4) is False  # the remote device has 4 already
+    j.append(_write(5))
     j.persist()
-    assert _records_on_file(tmp_path) == 0
+    j.close()
+    j = ReplicationJournal(str(tmp_path), 1 << 20)  # after a crash, from saved position 1
+    assert [r.seq for r in j.every_record_after(1)] == [2, 3, 4, 5]
     j.close()

@@ -149,6 +149,7 @@ class BackupService:
                 # a replicated LU's remote copy gets the restored data in its place
                 op = volume.begin(offset, length, self.device.remotes.journal_hook(
                     name, Kind.WRITE, offset, length, data))
+                self.device.remotes.persist_journal(name)  # on file before the data changes
                 volume.write(op, data, offset)
                 done += count
                 copied += length

@@ -167,16 +167,21 @@ class PrimaryExport(Export):
         if replicator is None:  # the link went away since admission
             run()
             return
+        seq = ticket.seq or 0  # type: ignore[attr-defined]
+        op = ticket
+        chunks = BitMap(range(op.start // CHUNK, op.end // CHUNK))  # type: ignore[attr-defined]
+        try:
+            # its record is on file before the data changes: after a crash, a write
+            # whose record is missing was still in flight (and is refreshed)
+            replicator.journal.persist(seq)
+        except OSError as exc:
+            self.abandon(ticket)  # never applied; the range is refreshed on the remote
+            raise StoreError(Errno.EIO, f"replication journal: {exc}") from None
         try:
             run()
         except StoreError:
-            op = ticket
-            first, stop = op.start // CHUNK, op.end // CHUNK  # type: ignore[attr-defined]
-            replicator.diverged(BitMap(range(first, stop)))
+            replicator.diverged(chunks)
             raise
-        seq = ticket.seq or 0  # type: ignore[attr-defined]
-        # journalled before the host hears of it; durable with it when FUA asks
-        replicator.journal.persist(seq)
         if fua:
             replicator.journal.sync()
         replicator.wait_remote(seq)

@@ -71,7 +71,12 @@ class RemoteService:
                                   acked_seq=acked, state=state,
                                   dirty=BitMap.deserialize(dirty) if dirty else BitMap(),
                                   options=LinkOptions.from_json(options))
-            replicator = self._make(lu, config)
+            try:
+                replicator = self._make(lu, config)
+            except MirrorpoolError as exc:  # e.g. a TLS file gone: the others still start
+                log.error("replication link not started", extra={"lu": lu_name,
+                                                                  "why": str(exc)})
+                continue
             if state == REVERSING:
                 replicator.last_error = ("a reverse resync did not finish: run `mirrorpool "
                                          f"remote resync {lu_name} --reverse` again")
@@ -86,6 +91,8 @@ class RemoteService:
                     replicator.journal.reset()
                     replicator.compare_all()
                 self._save(replicator)
+            else:
+                replicator.journal_unsent_on_start()
             replicator.start()
 
     def _journal_dir(self, lu: LogicalUnit) -> str:
@@ -368,7 +375,12 @@ class RemoteService:
                 session.disconnect()  # the link: its next write would be refused anyway
         restored = None
         if gen is not None:
-            restored = self.device.backups.restore(name, gen, force=True)
+            try:
+                restored = self.device.backups.restore(name, gen, force=True)
+            except BaseException:
+                # not promoted after all: the copy stays the source's, as it was
+                self.device.catalog.set_replica_of(name, *source[:3])
+                raise
         log.warning("remote copy promoted to primary",
                     extra={"lu": name, "source_lu": source[1], "gen": gen})
         return {"lu": name, "promoted": True, "source_lu": source[1],
@@ -415,6 +427,20 @@ class RemoteService:
             raise Conflict(f"LU {name!r} has {len(hosts)} connected client(s); a reverse "
                            "resync changes data under them: disconnect them or use --force")
 
+    @staticmethod
+    def _check_promoted(config: RemoteConfig) -> None:
+        """A reverse resync takes the remote LU's data: only once it was promoted there."""
+        path = f"/v1/lus/{quote(config.remote, safe='')}/replica-of"
+        try:
+            got = httpx.get(config.device + path, timeout=30)
+        except httpx.HTTPError as exc:
+            raise RemoteUnreachable(f"cannot reach the remote device: {exc}") from None
+        if got.status_code == 200:
+            raise Conflict(f"the remote LU {config.remote!r} is still this LU's copy (it was "
+                           "not promoted): there is nothing to bring back from it; "
+                           "`mirrorpool remote resync` without --reverse compares the "
+                           "other way")
+
     def writes_refused(self, name: str) -> bool:
         return name in self._resyncing
 
@@ -427,6 +453,8 @@ class RemoteService:
                 raise Conflict(f"LU {lu.name!r} is already being resynchronised")
             self._resyncing.add(lu.name)
         try:
+            if old.state != REVERSING:
+                self._check_promoted(config)
             old.stop()
             with lu.volume.seq.lock:
                 old.state = REVERSING
@@ -465,6 +493,8 @@ class RemoteService:
             self._save(replicator)
             replicator.start()
         except BaseException as exc:
+            if old.state != REVERSING:
+                raise  # refused before anything changed: the link goes on as it was
             # The link stays stopped: restarted, it would refresh the remote LU from
             # here and undo what hosts wrote there.  Running this again finishes it.
             old.last_error = (f"reverse resync failed ({exc}): run `mirrorpool remote resync "
@@ -476,6 +506,11 @@ class RemoteService:
         log.info("reverse resync done", extra={"lu": lu.name, "bytes_copied": copied})
         return {"lu": lu.name, "reverse": True, "bytes_compared": lu.size,
                 "bytes_copied": copied, "state": CONSISTENT}
+
+    def persist_journal(self, name: str) -> None:
+        replicator = self.replicator(name)
+        if replicator is not None:
+            replicator.journal.persist()
 
     def sync_journal(self, name: str) -> None:
         """A host's FLUSH: the replication journal is as durable as the data it covers."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import os
 import struct
 import threading
@@ -220,19 +221,33 @@ class ReplicationJournal:
                     return  # another thread wrote it meanwhile
                 pending, self._pending = self._pending, []
             start = 0
-            while start < len(pending):
-                index = pending[start][0]
-                stop = start
-                while stop < len(pending) and stop - start < WRITEV_MAX \
-                        and pending[stop][0] == index:
-                    stop += 1
-                if index != self._fd_index:
-                    self._open(index)
-                datas = [data for _, data, _ in pending[start:stop]]
-                os.pwritev(self._fd, datas, self._fd_end)
-                self._fd_end += sum(len(d) for d in datas)
-                self._written[index] = self._fd_end
-                start = stop
+            try:
+                while start < len(pending):
+                    index = pending[start][0]
+                    stop = start
+                    while stop < len(pending) and stop - start < WRITEV_MAX \
+                            and pending[stop][0] == index:
+                        stop += 1
+                    if index != self._fd_index:
+                        self._open(index)
+                    self._write_all([data for _, data, _ in pending[start:stop]])
+                    self._written[index] = self._fd_end
+                    start = stop
+            except OSError:
+                with self._lock:  # not written: they stay queued, and the caller fails
+                    self._pending[:0] = pending[start:]
+                raise
+
+    def _write_all(self, datas: list[bytes]) -> None:
+        """pwritev until every byte is in the file (a short write leaves no gap)."""
+        total = sum(len(d) for d in datas)
+        done = os.pwritev(self._fd, datas, self._fd_end)
+        while done < total:  # rare: only then is the batch joined
+            n = os.pwrite(self._fd, memoryview(b"".join(datas))[done:], self._fd_end + done)
+            if n <= 0:
+                raise OSError(errno.EIO, "replication journal: nothing written")
+            done += n
+        self._fd_end += total
 
     def sync(self) -> None:
         """Persist, then make the journal durable (a host's FLUSH or FUA write)."""
@@ -317,9 +332,6 @@ class ReplicationJournal:
         """
         with self._io_lock, self._lock:
             self._forget_mem(upto_seq)
-            # on the remote device's stable storage already: no need to write them here
-            while self._pending and self._pending[0][2] <= upto_seq:
-                self._pending.pop(0)
             done = [i for i, (size, last) in self._segments.items()
                     if i != self._current and last <= upto_seq
                     and not any(p[0] == i for p in self._pending)]

@@ -60,6 +60,10 @@ SAVE_EVERY = 1.0  # seconds between saves of the acknowledged position in the ca
 FORWARDED = b"\0"
 
 
+class RemoteWriteFailed(NbdError):
+    """The remote device answered a write of the link with an error."""
+
+
 @dataclass
 class LinkOptions:
     """How a link behaves; kept as JSON with the link in the catalog."""
@@ -131,7 +135,8 @@ class Replicator:
         self.dirty = config.dirty  # chunks that differ on the remote device: copied
         self.compare = BitMap()  # chunks that may differ: compared by digest, copied if so
         self.compared_bytes = 0
-        self.down_since: float | None = None
+        self.down_since: float | None = None  # since when the remote device is unreachable
+        self._writes_failing = False
         self.acked_seq = config.acked_seq  # on the remote device's stable storage
         self.replied_seq = config.acked_seq  # answered by the remote device
         self.connected = False
@@ -216,9 +221,15 @@ class Replicator:
 
     def _stop_journaling(self, seq: int) -> None:
         """Fall back to refreshing (sequencer lock held); noted in the journal for a crash."""
-        self.journal.append(Record(Kind.STOP, seq, 0, 0))
+        try:
+            self.journal.append(Record(Kind.STOP, seq, 0, 0))
+        except OSError as exc:  # the state saved in the catalog tells it as well
+            log.error("replication journal: cannot note the stop",
+                      extra={"lu": self.config.lu, "error": str(exc)})
         self.state = INCONSISTENT
         self._overflow = True  # what the journal still holds is refreshed instead
+        with self._replied:
+            self._replied.notify_all()  # sync writes waiting for the remote go on
 
     def diverged(self, chunks: BitMap) -> None:
         """These chunks may differ from what the journal says (a failed or abandoned write)."""
@@ -227,6 +238,18 @@ class Replicator:
                 self._stop_journaling(self.volume.seq.last_seq)
             self.dirty |= chunks
         self._wake.set()
+
+    def journal_unsent_on_start(self) -> None:
+        """Start-up: a link saved while not journaling still owes the journal's records.
+
+        They become chunks to copy, as when the fallback first happened (the flag
+        saying so lives in memory only).
+        """
+        if self.state in (REPLAYING, INCONSISTENT, SYNCING) and \
+                self.journal.last_seq > self.acked_seq:
+            self._overflow = True
+        if self.state == REPLAYING:
+            self.state = INCONSISTENT
 
     def compare_all(self) -> None:
         """Stop trusting the remote copy: compare every chunk, copy those that differ."""
@@ -298,7 +321,7 @@ class Replicator:
             "compare_bytes": len(self.compare) * CHUNK,
             "compared_bytes": self.compared_bytes,
             "down_seconds": round(time.monotonic() - self.down_since, 3)
-            if self.down_since is not None else 0.0,
+            if self.down_since is not None and not self.connected else 0.0,
             "sent_bytes": self.sent_bytes,
             "triggers_not_replicated": self.not_replicated,
             "last_remote_trigger": self.last_remote_trigger,
@@ -325,16 +348,26 @@ class Replicator:
                     raise NbdError(f"remote LU is {client.size} bytes, this one "
                                    f"{self.volume.size}: refusing to replicate")
                 self._client = client
+                # resume after what the remote device holds on stable storage, before
+                # the flusher can see this connection as up
+                self.replied_seq = self.acked_seq
+                if not self._writes_failing:
+                    self.down_since = None
                 self.connected = True
-                self.down_since = None
                 self.last_error = ""
                 backoff = 0.1
                 self._serve(client)
             except (OSError, NbdError) as exc:
+                # a remote device that takes the connection but fails every write is
+                # down as well: its outage goes on across reconnections
+                self._writes_failing = isinstance(exc, RemoteWriteFailed)
                 if not self._stopping:
                     self.last_error = str(exc)
                     log.warning("replication link down", extra={"lu": self.config.lu,
                                                                  "error": str(exc)})
+            except Exception as exc:  # a local read error, say: the link must not die
+                self.last_error = f"internal error: {exc}"
+                log.exception("replication link failed", extra={"lu": self.config.lu})
             finally:
                 self.connected = False
                 self._client = None
@@ -404,8 +437,6 @@ class Replicator:
             client.abort()
 
     def _serve(self, client: NbdClient) -> None:
-        # resume after what the remote device holds on stable storage
-        self.replied_seq = self.acked_seq
         cursor: tuple[int, int] | None = None
         last_save = time.monotonic()
         trimmed = self.acked_seq
@@ -421,6 +452,8 @@ class Replicator:
             batch: list[Record] = []
             size = 0
             for record, after in self.journal.records_after(self.replied_seq, cursor):
+                if record.kind == Kind.STOP:
+                    break  # journaling ended here: the refresh takes over, nothing is sent
                 batch.append(record)
                 if after is not None:  # records read from the files
                     cursor = after
@@ -464,13 +497,15 @@ class Replicator:
                                                      record.length, flags)
             elif record.kind == Kind.TRIM:
                 cookie, bufs = client.encode_request(Cmd.TRIM, record.offset, record.length)
-            else:
-                doc = parse_forwarded(record.payload) or {}
+            elif record.kind == Kind.TRIGGER:
+                doc = parse_forwarded(bytes(record.payload)) or {}
                 self.last_remote_trigger = {"trigger_id": doc.get("trigger_id"),
                                             "seq": record.seq, "gen": doc.get("origin_gen"),
                                             "at": time.time()}
                 cookie, bufs = client.encode_request(Cmd.TRIGGER, 0, len(record.payload), 0,
                                                      record.payload)
+            else:
+                raise NbdError(f"journal record of kind {record.kind} is not sent")
             cookies[cookie] = record
             buffers += bufs
         client.send_buffers(buffers)
@@ -485,7 +520,8 @@ class Replicator:
             if record.kind == Kind.TRIGGER:
                 self._trigger_answered(error, message, chunks)
             elif error:
-                raise NbdError(f"remote device failed a write: {message or error}", error)
+                raise RemoteWriteFailed(f"remote device failed a write: {message or error}",
+                                        error)
             if record.kind == Kind.WRITE:
                 self.sent_bytes += record.length
             done.add(cookie)
@@ -494,6 +530,8 @@ class Replicator:
                 last = cookies[order[next_index]].seq
                 next_index += 1
             if last is not None:
+                self.down_since = None  # up is when the remote device answers
+                self._writes_failing = False
                 with self._replied:
                     self.replied_seq = last
                     self._replied.notify_all()
@@ -558,8 +596,11 @@ class Replicator:
             if cookie not in lengths:
                 raise NbdError("reply to a request never sent")
             if error:
-                raise NbdError(f"remote device failed a write: {message or error}", error)
+                raise RemoteWriteFailed(f"remote device failed a write: {message or error}",
+                                        error)
             self.sent_bytes += lengths[cookie]
+            self.down_since = None
+            self._writes_failing = False
 
     def _compare_step(self, client: NbdClient) -> None:
         """Compare up to COMPARE_RUN chunks by digest; copy the ones that differ."""
