@@ -168,8 +168,6 @@ class PrimaryExport(Export):
             run()
             return
         seq = ticket.seq or 0  # type: ignore[attr-defined]
-        op = ticket
-        chunks = BitMap(range(op.start // CHUNK, op.end // CHUNK))  # type: ignore[attr-defined]
         try:
             # its record is on file before the data changes: after a crash, a write
             # whose record is missing was still in flight (and is refreshed)
@@ -180,7 +178,8 @@ class PrimaryExport(Export):
         try:
             run()
         except StoreError:
-            replicator.diverged(chunks)
+            op = ticket
+            replicator.diverged(BitMap(range(op.start // CHUNK, op.end // CHUNK)))  # type: ignore[attr-defined]
             raise
         if fua:
             replicator.journal.sync()
@@ -262,9 +261,7 @@ class ReplicaExport(PrimaryExport):
         sequence number than anything this one sends.
         """
         assert self.lu is not None
-        for session in list(self.lu.sessions):
-            if getattr(getattr(session, "export", None), "kind", "") != "replica":
-                continue
+        for session in link_sessions(self.lu):
             session.disconnect()
             if not session.finished.wait(LINK_FENCE_TIMEOUT):
                 raise StoreError(Errno.EIO, "an older connection of this replication link "
@@ -441,6 +438,12 @@ def _changed_source(chunks_now: Callable[[], object], size: int) -> ContextSourc
         ]
 
     return source
+
+
+def link_sessions(lu: LogicalUnit) -> list:
+    """The connections of a replication link into this LU (its copy's one writer)."""
+    return [s for s in list(lu.sessions)
+            if getattr(getattr(s, "export", None), "kind", "") == ReplicaExport.kind]
 
 
 def resolve_export(device: Device, name: str) -> Export | None:

@@ -14,6 +14,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 from pyroaring import BitMap
 
+from mirrorpool.device.exports import link_sessions
 from mirrorpool.errors import Conflict, InvalidRequest, MirrorpoolError, NotFound
 from mirrorpool.mirror.changes import CHUNK, chunk_runs, chunk_span
 from mirrorpool.nbd.client import NbdClient, NbdError
@@ -340,8 +341,7 @@ class RemoteService:
         source = self.source_of(name)
         if source is None:
             raise NotFound(f"LU {name!r} is not a remote copy of another device's LU")
-        links = [s for s in lu.sessions
-                 if getattr(getattr(s, "export", None), "kind", "") == "replica"]
+        links = link_sessions(lu)
         last = None
         for t in self.device.catalog.triggers(name, 50):
             if t["source"] == "link" and t["outcome"] == "ok":
@@ -370,9 +370,8 @@ class RemoteService:
         if gen is not None:
             lu.volume.member_of(gen)  # refuses an unknown generation before anything
         self.device.catalog.clear_replica_of(name)
-        for session in list(lu.sessions):
-            if getattr(getattr(session, "export", None), "kind", "") == "replica":
-                session.disconnect()  # the link: its next write would be refused anyway
+        for session in link_sessions(lu):
+            session.disconnect()  # the link: its next write would be refused anyway
         restored = None
         if gen is not None:
             try:
