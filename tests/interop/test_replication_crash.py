@@ -9,6 +9,7 @@ MIRRORPOOL_CRASH_SEED picks the moments.
 
 from __future__ import annotations
 
+import http.client
 import os
 import random
 import signal
@@ -49,8 +50,8 @@ def _load(a: DeviceProcess, rng: random.Random, stop: threading.Event,
             if n % 40 == 0:
                 status, _ = a.request("POST", "/v1/lus/x/trigger", {"label": f"n{n}"})
                 counts["triggers"] += status == 200
-    except (nbd.Error, OSError):
-        pass  # the device was killed
+    except (nbd.Error, OSError, http.client.HTTPException):
+        pass  # the device was killed (mid-answer, too)
     finally:
         close(h)
 
