@@ -15,6 +15,7 @@ from mirrorpool.device.device import Device
 from mirrorpool.errors import DeviceBusy
 from mirrorpool.metrics import IoStats
 from mirrorpool.nbd.codec import TlsMode
+from mirrorpool.nbd.polling import DEFAULT_POLL_US, PollBudget
 from mirrorpool.nbd.server import NbdServer
 from mirrorpool.nbd.tls import TlsSetupError, server_tls_context
 from mirrorpool.net import ListenError, listen_tcp
@@ -35,6 +36,8 @@ class ServeConfig:
     api_host: str = "127.0.0.1"
     api_port: int = 10880
     workers_per_connection: int = 4
+    # How long a connection's thread polls its socket before sleeping (0: never).
+    poll_us: int = DEFAULT_POLL_US
     journal_sync: bool = False
     fault_injection: bool = False
     # None: REQUIRE when a certificate is given, else OFF.
@@ -84,6 +87,7 @@ class RunningDevice:
                 io_stats=self.io_stats,
                 tls=tls,
                 tls_mode=self.tls_mode,
+                poll=PollBudget(config.poll_us),
             )
             api_sock = listen_tcp(config.api_host, config.api_port, "the control API")
         except (ListenError, StartError) as exc:

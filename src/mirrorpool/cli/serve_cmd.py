@@ -10,6 +10,7 @@ from mirrorpool.cli.api_client import fail
 from mirrorpool.daemon import ServeConfig, StartError, serve
 from mirrorpool.logs import setup_logging
 from mirrorpool.nbd.codec import TlsMode
+from mirrorpool.nbd.polling import DEFAULT_POLL_US
 
 
 def _host_port(text: str, what: str) -> tuple[str, int]:
@@ -30,6 +31,10 @@ def serve_command(
                                      help="control API address HOST:PORT")] = "127.0.0.1:10880",
     workers: Annotated[int, typer.Option("--workers", min=1, max=64,
                                          help="request threads per NBD connection")] = 4,
+    poll_us: Annotated[int, typer.Option(
+        "--poll-us", envvar="MIRRORPOOL_POLL_US", min=0, max=100_000,
+        help="microseconds an NBD connection polls for its next request before sleeping "
+             "(0: never poll)")] = DEFAULT_POLL_US,
     journal_sync: Annotated[bool, typer.Option(
         "--journal-sync", help="flush each new write-intent entry (survives power loss)")] = False,
     fault_injection: Annotated[bool, typer.Option(
@@ -55,7 +60,7 @@ def serve_command(
     config = ServeConfig(
         data_dir=data, nbd_host=nbd_host, nbd_port=nbd_port, unix_socket=unix,
         api_host=api_host, api_port=api_port, workers_per_connection=workers,
-        journal_sync=journal_sync, fault_injection=fault_injection,
+        poll_us=poll_us, journal_sync=journal_sync, fault_injection=fault_injection,
         tls=tls, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
     )
     try:

@@ -36,6 +36,7 @@ from mirrorpool.metrics import IoStats, OpStats
 from mirrorpool.mirror.volume import TriggerRefused
 from mirrorpool.nbd import codec as c
 from mirrorpool.nbd.constants import Cmd, CmdFlag, Errno, Info, Opt, Rep
+from mirrorpool.nbd.polling import PollBudget, PolledReceiver
 from mirrorpool.nbd.tls import TlsStream
 from mirrorpool.net import ListenError, listen_tcp
 from mirrorpool.store import FastZeroUnsupported, StoreError
@@ -124,15 +125,18 @@ class NbdServer:
         io_stats: IoStats | None = None,
         tls: ssl.SSLContext | None = None,
         tls_mode: c.TlsMode | None = None,
+        poll: PollBudget | None = None,
     ) -> None:
         """``tls`` is the server-side context; with it, TLS is required unless
-        ``tls_mode`` says ON (offered, plain text still served)."""
+        ``tls_mode`` says ON (offered, plain text still served).  ``poll``
+        bounds how connections poll their sockets before sleeping (none: never)."""
         if tls_mode is None:
             tls_mode = c.TlsMode.OFF if tls is None else c.TlsMode.REQUIRE
         if tls_mode is not c.TlsMode.OFF and tls is None:
             raise ValueError(f"TLS mode {tls_mode.value} needs a TLS context")
         self.tls = tls
         self.tls_mode = tls_mode
+        self.poll = poll
         # nbds:// tells clients that only TLS will do (libnbd's URI convention).
         self._scheme = "nbds" if tls_mode is c.TlsMode.REQUIRE else "nbd"
         self.device = device
@@ -437,6 +441,15 @@ class Connection:
             if TRIGGER_CONTEXT in self._contexts.values() else frozenset(),
         )
         self._pool: ThreadPoolExecutor | None = None
+        poll = self.server.poll
+        self._recv_sleeping = self.sock.recv_into
+        self._recv_polled = self._recv_sleeping
+        if poll is not None and poll.enabled and isinstance(self.sock, socket.socket):
+            self._recv_polled = PolledReceiver(poll, self.sock).recv_into
+        # While helpers serve slow requests, the reader does not poll: it would
+        # only take the interpreter and a CPU from them.
+        self._helpers_busy = 0
+        self._busy_lock = threading.Lock()
         try:
             self._read_loop()
         finally:
@@ -453,12 +466,16 @@ class Connection:
             view[:n] = self._pending[:n]
             self._pending = self._pending[n:]
             view = view[n:]
-        recv_into = self.sock.recv_into
         while view:
-            n = recv_into(view)
+            n = self._receive(view)
             if n == 0:
                 raise _PeerClosed("peer closed the connection")
             view = view[n:]
+
+    def _receive(self, view: memoryview) -> int:
+        if self._helpers_busy:
+            return self._recv_sleeping(view)
+        return self._recv_polled(view)
 
     def _read_loop(self) -> None:
         """Read requests in order; serve quick ones here, hand slow ones to helpers.
@@ -482,7 +499,7 @@ class Connection:
         used = 0  # bytes of ``view`` holding replies not yet sent
         out: list[bytes | memoryview] = []
         codec = self.codec
-        recv_into = self.sock.recv_into
+        receive = self._receive
         header_size = c.REQUEST_HEADER_SIZE
 
         def flush() -> None:
@@ -502,7 +519,7 @@ class Connection:
             while end < need:
                 if out:
                     flush()  # about to wait: let the replies go first
-                n = recv_into(rview[end:])
+                n = receive(rview[end:])
                 if n == 0:
                     raise _PeerClosed("peer closed the connection")
                 end += n
@@ -561,6 +578,8 @@ class Connection:
                     if spare is None and cmd.type == Cmd.READ:
                         spare = _take_buffer()
                         payload = memoryview(spare)
+                    with self._busy_lock:
+                        self._helpers_busy += 1
                     self._helpers().submit(self._serve_then_release, cmd, payload, verdict,
                                            ticket, spare)
                     continue
@@ -602,6 +621,8 @@ class Connection:
         finally:
             if spare is not None:
                 _give_buffer(spare)
+            with self._busy_lock:
+                self._helpers_busy -= 1
 
     def _close_transmission(self) -> None:
         self._closing = True
