@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -297,3 +298,27 @@ def test_store_error_from_os_error_without_errno() -> None:
     exc = StoreError.from_os_error(OSError("odd"), "read at 0")
     assert exc.code == Errno.EIO
     assert "read at 0" in str(exc) and "odd" in str(exc)
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of the file in the page cache (util-linux fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip())
+
+
+def on_tmpfs(path: Path) -> bool:
+    out = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip() == "tmpfs"
+
+
+def test_release_writes_back_and_drops_the_cache(store: FileStore, store_path: Path) -> None:
+    if on_tmpfs(store_path):
+        pytest.skip("tmpfs pages live only in memory: there is no cache to drop")
+    data = pattern(4 * MIB)
+    store.write(data, 0)
+    assert resident_bytes(store_path) > 0
+    store.release()
+    assert resident_bytes(store_path) == 0
+    assert read(store, 0, 4 * MIB) == data

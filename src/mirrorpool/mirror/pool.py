@@ -38,6 +38,9 @@ class Member:
     copy_total: int = 0  # chunks to copy when the current resync started
     pending_file: BitmapFile | None = None  # the pending set, kept exact across crashes
     epoch: int = 0  # bumped whenever chunks are marked pending anew
+    # Copied in big runs since its cache was last dropped: its page cache holds
+    # large folios, which make every later 4 KiB write into it several times dearer.
+    bulk_copied: bool = False
 
     def save_pending(self) -> None:
         if self.pending_file is not None:

@@ -328,6 +328,7 @@ class MirroredVolume:
             except OSError as exc:
                 raise StoreError.from_os_error(exc, f"copy at {start}") from exc
             return
+        member.bulk_copied = True
         for ext in src.extents(start, length):
             if ext.flags & AllocationFlag.HOLE:
                 dst.zero(ext.offset, ext.length, may_trim=True)
@@ -580,6 +581,21 @@ class MirroredVolume:
                 self.seq.finish(op)  # a copy never entered the journal: only members change
             if not member.pending:
                 self._save()
+                if member.bulk_copied:
+                    self._drop_copy_cache(member)
+
+    def _drop_copy_cache(self, member: Member) -> None:
+        """After a bulk copy, write the member back and drop its cached pages.
+
+        Host writes into it then start from small page-cache folios; only the
+        resync thread does this, so no host request waits for the write-back.
+        """
+        member.bulk_copied = False
+        try:
+            member.store.release()
+        except StoreError as exc:
+            log.warning("could not drop a backup's page cache", extra={
+                "lu": self.name, "member": member.idx, "error": str(exc)})
 
     def resync_progress(self, member: Member) -> dict:
         total = max(member.copy_total, len(member.pending))

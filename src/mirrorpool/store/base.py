@@ -72,6 +72,9 @@ class BlockStore(Protocol):
 
     def cache(self, offset: int, length: int) -> None: ...
 
+    def release(self) -> None:
+        """Write the store back and drop it from memory caches (it will not be read soon)."""
+
     def extents(self, offset: int, length: int, limit: int | None = None) -> list[Extent]:
         """Allocation of [offset, offset+length) from the start, at most ``limit`` runs."""
 

@@ -123,6 +123,9 @@ class FaultStore:
     def cache(self, offset: int, length: int) -> None:
         self.inner.cache(offset, length)
 
+    def release(self) -> None:
+        self.inner.release()
+
     def extents(self, offset: int, length: int, limit: int | None = None) -> list[Extent]:
         return self.inner.extents(offset, length, limit)
 

@@ -152,6 +152,13 @@ class FileStore:
     def cache(self, offset: int, length: int) -> None:
         os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
+    def release(self) -> None:
+        self.flush()  # dirty pages cannot be dropped
+        try:
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError as exc:
+            raise StoreError.from_os_error(exc, "drop cache") from exc
+
     def extents(self, offset: int, length: int, limit: int | None = None) -> list[Extent]:
         end = min(offset + length, self._size)
         if self.is_block_device:
