@@ -292,7 +292,7 @@ def _load(h: nbd.NBD, base: int, seed: int) -> int:
     chunks: list[tuple[int, int]] = []
     off = 0
     while off < LOAD_REGION:
-        # 256 KiB and over: served by the server's helper threads, the rest inline
+        # inline on the server's reading thread; the flushes go to its helper threads
         n = min(LOAD_REGION - off, rng.choice((4096, 4096, 16384, 65536, 262144)))
         chunks.append((off, n))
         off += n
