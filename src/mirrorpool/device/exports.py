@@ -78,6 +78,11 @@ class Export:
 
     def detach(self) -> None: ...
 
+    @property
+    def writes_copied(self) -> bool:
+        """Does a write here also go to a backup (or a replication journal) right now?"""
+        return False
+
     def admit(self, cmd: Command, payload: memoryview) -> object | None:
         return None
 
@@ -138,6 +143,10 @@ class PrimaryExport(Export):
     def description(self) -> str:
         assert self.lu is not None
         return f"mirrorpool LU {self.name} ({self.lu.record.uuid})"
+
+    @property
+    def writes_copied(self) -> bool:
+        return self.volume.active is not None or self.name in self.device.remotes
 
     def admit(self, cmd: Command, payload: memoryview) -> object | None:
         if cmd.type in MUTATIONS:

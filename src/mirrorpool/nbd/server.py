@@ -79,6 +79,9 @@ def error_code(exc: Exception) -> Errno:
 # Up to 1 MiB a copy takes a few hundred microseconds: a hand-off to a helper
 # costs more than it saves.
 SLOW_TRANSFER = 2 * 1024 * 1024
+# A write that is also copied (backup, replication journal) takes twice as
+# long: from this size on, helpers let several of them run at once.
+SLOW_COPIED_WRITE = 256 * 1024
 SLOW_RANGE = 64 * 1024 * 1024
 _ALWAYS_SLOW = frozenset(int(c) for c in (Cmd.FLUSH, Cmd.TRIGGER, Cmd.BLOCK_STATUS, Cmd.CACHE))
 _FUA = int(CmdFlag.FUA)
@@ -533,7 +536,9 @@ class Connection:
                         fill(header_size)
                     cmd = codec.decode_command(rview[start : start + header_size])
                     start += header_size
-                    slow = _is_slow(cmd)
+                    slow = _is_slow(cmd) or (cmd.type == Cmd.WRITE
+                                             and cmd.length >= SLOW_COPIED_WRITE
+                                             and self.export.writes_copied)
                     spare = None
                     n = cmd.payload_length
                     payload = view
