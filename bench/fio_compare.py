@@ -433,7 +433,11 @@ def machine_info(fio: str, backing_dir: Path) -> dict[str, str]:
 
 def git_state(src: Path) -> str:
     """'git 598a8a2, mirrorpool/ differs from HEAD' for the repository holding src."""
-    rev = first_line(["git", "-C", str(src), "rev-parse", "--short", "HEAD"])
+    probe = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        return "not in a git checkout"
+    rev = probe.stdout.strip()
     status = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "mirrorpool"],
                             capture_output=True, text=True).stdout.strip()
     return f"git {rev}" + (", mirrorpool/ differs from HEAD" if status else ", clean")
