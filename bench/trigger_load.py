@@ -4,7 +4,8 @@
 One mirrored LU (pool 3) on a pre-filled file, served by mirrorpool through
 the page cache, loopback only.  fio writes 4 KiB blocks at random, iodepth 16,
 for ``--runtime`` seconds, twice per repeat: once alone, once while a thread
-POSTs ``/v1/lus/NAME/trigger`` every ``--interval`` seconds (each trigger
+POSTs ``/v1/lus/NAME/trigger`` (or, with ``--mechanism in-band``, sends the NBD
+TRIGGER command) every ``--interval`` seconds (each trigger
 recycles the oldest generation, so pool 3 never runs out).  The two modes
 alternate which goes first from one repeat to the next, and every repeat
 starts a fresh server whose members all hold data (pool-1 warm-up triggers,
@@ -54,6 +55,7 @@ from mirrorbench import (
     tracking_chunk,
     write_side,
 )
+from mirrorpool.nbd.client import NbdClient, NbdError
 
 MODES = ("no-triggers", "triggers", "triggers-other-lu", "idle-triggers")
 OTHER_LU = "idle"  # a second LU of the same device that nothing writes to
@@ -69,6 +71,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="repeats; medians are reported")
     p.add_argument("--pool", type=int, default=3, help="pool size (default 3)")
     p.add_argument("--interval", type=float, default=0.1, help="seconds between triggers")
+    p.add_argument("--mechanism", choices=("api", "in-band"), default="api",
+                   help="how triggers are sent: POST to the control API (default), or the NBD "
+                        "TRIGGER command on one NBD connection to the LU kept open for the run "
+                        "(the project's client, as `mirrorpool trigger --in-band` sends it)")
     p.add_argument("--iodepth", type=int, default=16)
     p.add_argument("--bs", type=parse_size, default=parse_size("4k"))
     p.add_argument("--delay", type=float, default=0.5,
@@ -97,9 +103,13 @@ class Triggerer(threading.Thread):
     """POSTs a trigger every ``interval`` s (no catch-up bursts) until stopped."""
 
     def __init__(self, server: MirroredMirrorpool, interval: float, start_at: float,
-                 stop_at: float, probe: bool, lu: str = LU_NAME) -> None:
+                 stop_at: float, probe: bool, lu: str = LU_NAME, mechanism: str = "api") -> None:
         super().__init__(name="triggerer", daemon=True)
         self.api = Api(server.api_port)
+        self.nbd: NbdClient | None = None
+        if mechanism == "in-band":
+            self.nbd = NbdClient(f"nbd://127.0.0.1:{server.port}/{lu}",
+                                 contexts=("mirrorpool:trigger",))
         self.server = server
         self.interval = interval
         self.start_at = start_at
@@ -121,7 +131,10 @@ class Triggerer(threading.Thread):
                     break
                 sent = time.monotonic()
                 try:
-                    answer = self.api.post(f"/v1/lus/{self.lu}/trigger", {"label": "bench"})
+                    if self.nbd is not None:
+                        answer = self.nbd.trigger("bench")
+                    else:
+                        answer = self.api.post(f"/v1/lus/{self.lu}/trigger", {"label": "bench"})
                     rtt = time.monotonic() - sent
                     gen = answer["generations"][0]
                     row = {"t": sent, "split_ms": gen["split_ms"], "rtt_ms": rtt * 1000,
@@ -129,14 +142,17 @@ class Triggerer(threading.Thread):
                     if self.probe:
                         row.update(probe(self.api, self.lu))
                     self.results.append(row)
-                except ApiError as exc:
-                    self.results.append({"t": sent, "refused": exc.detail,
+                except (ApiError, NbdError) as exc:
+                    detail = exc.detail if isinstance(exc, ApiError) else str(exc)
+                    self.results.append({"t": sent, "refused": detail,
                                          "rtt_ms": (time.monotonic() - sent) * 1000})
                 nxt = max(nxt + self.interval, time.monotonic())
         except BaseException as exc:  # reported by the main thread
             self.error = exc
         finally:
             self.api.close()
+            if self.nbd is not None:
+                self.nbd.close()
 
 
 def probe(api: Api, lu: str) -> dict[str, Any]:
@@ -177,7 +193,8 @@ def one_run(server: MirroredMirrorpool, fio: Fio, args: argparse.Namespace, mode
     trig = None
     if mode != "no-triggers":
         trig = Triggerer(server, args.interval, t0 + args.delay, t0 + args.runtime - 0.2,
-                         args.probe, OTHER_LU if mode == "triggers-other-lu" else LU_NAME)
+                         args.probe, OTHER_LU if mode == "triggers-other-lu" else LU_NAME,
+                         args.mechanism)
         trig.start()
     try:
         if mode == "idle-triggers":
@@ -362,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "LU": f"{backing}, {args.size} bytes of random data, pool {args.pool}, page cache",
             "config": f"fio randwrite bs {args.bs} iodepth {args.iodepth}, {args.runtime}s per "
                       f"run, repeat {args.repeat}, trigger every {args.interval * 1000:.0f} ms "
-                      f"from {args.delay}s after fio starts, modes {','.join(args.mode_list)}, "
+                      f"({args.mechanism}) from {args.delay}s after fio starts, modes "
+                      f"{','.join(args.mode_list)}, "
                       f"mirrorpool args "
                       f"{args.mirrorpool_args or '(none)'}",
         })
