@@ -34,6 +34,15 @@ def add_link(a: DeviceProcess, b: DeviceProcess, name: str, *extra: str) -> None
     a.cli("remote", "add", name, "--device", b.api, "--remote-pool", "2", *extra)
 
 
+def link_then_kill_b(a: DeviceProcess, b: DeviceProcess, name: str, pool: int,
+                     *extra: str) -> None:
+    """A new LU on A, replicated to B and caught up; then B is SIGKILLed."""
+    api(a, "POST", "/v1/lus", {"name": name, "size": SIZE, "pool": pool}, expect=201)
+    add_link(a, b, name, *extra)
+    wait_caught_up(a, name)
+    b.stop(signal.SIGKILL)
+
+
 def test_async_link_splits_the_remote_pool_at_the_same_points(
     pair: tuple[DeviceProcess, DeviceProcess],
 ) -> None:
@@ -91,10 +100,7 @@ def test_link_resumes_after_the_remote_device_restarts(
     pair: tuple[DeviceProcess, DeviceProcess],
 ) -> None:
     a, b = pair
-    api(a, "POST", "/v1/lus", {"name": "c", "size": SIZE, "pool": 2}, expect=201)
-    add_link(a, b, "c")
-    wait_caught_up(a, "c")
-    b.stop(signal.SIGKILL)
+    link_then_kill_b(a, b, "c", 2)
     # B is gone: A goes on journaling, hosts never wait
     qemu_io(a.uri("c"), "write -P 0x51 0 256k", "write -P 0x52 2M 256k")
     first = api_trigger(a, "c", "while-b-down")
@@ -123,10 +129,7 @@ def test_full_journal_falls_back_to_refreshing_and_becomes_consistent_again(
     pair: tuple[DeviceProcess, DeviceProcess],
 ) -> None:
     a, b = pair
-    api(a, "POST", "/v1/lus", {"name": "f", "size": SIZE, "pool": 1}, expect=201)
-    add_link(a, b, "f", "--journal-limit", "1M")
-    wait_caught_up(a, "f")
-    b.stop(signal.SIGKILL)
+    link_then_kill_b(a, b, "f", 1, "--journal-limit", "1M")
     qemu_io(a.uri("f"), "write -P 0x61 0 2M")  # more than the journal holds
     status = link_status(a, "f")
     assert status["state"] == "inconsistent"
@@ -160,10 +163,7 @@ def test_a_clean_restart_after_giving_up_still_copies_what_the_journal_held(
 ) -> None:
     """The writes journalled before the link gave up reach B after A restarts cleanly."""
     a, b = pair
-    api(a, "POST", "/v1/lus", {"name": "j", "size": SIZE, "pool": 1}, expect=201)
-    add_link(a, b, "j", "--give-up-after", "1")
-    wait_caught_up(a, "j")
-    b.stop(signal.SIGKILL)
+    link_then_kill_b(a, b, "j", 1, "--give-up-after", "1")
     qemu_io(a.uri("j"), "write -P 0x61 0 512k")  # journalled: B is away
     wait_until(lambda: link_status(a, "j")["state"] == "inconsistent", 30,
                "the link to give up")
