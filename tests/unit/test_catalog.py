@@ -182,3 +182,25 @@ def test_members_of_an_unknown_lu_are_refused(db_path: Path) -> None:
             cat.add_members("ghost", [0])
     finally:
         cat.close()
+
+
+def test_replica_of_follows_every_change(db_path: Path) -> None:
+    catalog = Catalog(str(db_path))
+    catalog.add_lu("copy", "u1", 1 << 20, 3, None)
+    assert catalog.replica_of("copy") is None
+    catalog.set_replica_of("copy", "dev-a", "vm1", "uuid-a")
+    assert catalog.replica_of("copy")[:3] == ("dev-a", "vm1", "uuid-a")
+    catalog.clear_replica_of("copy")
+    assert catalog.replica_of("copy") is None
+    catalog.set_replica_of("copy", "dev-a", "vm1", "uuid-a")
+    assert catalog.replica_of("copy") is not None
+    catalog.remove_lu("copy")  # the row goes with the LU
+    assert catalog.replica_of("copy") is None
+    # a transaction that fails changes nothing, the answer included
+    catalog.add_lu("copy", "u2", 1 << 20, 3, None)
+    with pytest.raises(RuntimeError), catalog.transaction():
+        catalog.set_replica_of("copy", "dev-b", "vm2", "uuid-b")
+        assert catalog.replica_of("copy") is not None
+        raise RuntimeError("rolled back")
+    assert catalog.replica_of("copy") is None
+    catalog.close()

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from mirrorpool.nbd import polling
 from mirrorpool.nbd.polling import MAX_MISSES, PollBudget, PolledReceiver
 
 
@@ -110,3 +111,10 @@ def test_no_window_means_no_polling() -> None:
     assert not PollBudget(window_us=0).enabled
     with pytest.raises(ValueError):
         PollBudget(window_us=-1)
+
+
+@pytest.mark.parametrize(("cpus", "pollers"), [(1, 0), (2, 1), (3, 1), (8, 4)])
+def test_pollers_are_half_the_cpus_the_process_may_use(monkeypatch, cpus, pollers) -> None:
+    monkeypatch.setattr(polling.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert polling.default_pollers() == pollers
+    assert PollBudget(window_us=100).enabled is (pollers > 0)

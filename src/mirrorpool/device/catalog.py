@@ -123,6 +123,8 @@ class Catalog:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.RLock()
         self._depth = 0
+        # replica_of answers: LU -> row (None: not a remote copy)
+        self._replica_of: dict[str, tuple[str, str, str, float] | None] = {}
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -161,6 +163,7 @@ class Catalog:
                 self._db.execute("COMMIT")
             finally:
                 self._depth = 0
+                self._replica_of.clear()
 
     def lus(self) -> list[LuRecord]:
         with self._lock:
@@ -327,11 +330,19 @@ class Catalog:
                 (lu, device, nbd, remote, mode, journal_limit, acked_seq, state, dirty, options))
 
     def replica_of(self, lu: str) -> tuple[str, str, str, float] | None:
-        """(source device id, source LU, source LU uuid, since) if LU is a remote copy."""
+        """(source device id, source LU, source LU uuid, since) if LU is a remote copy.
+
+        Asked on every write a replication link applies, so it is answered from
+        memory; any transaction forgets the answers (it may change them).
+        """
         with self._lock:
-            return self._db.execute(
+            if lu in self._replica_of:
+                return self._replica_of[lu]
+            row = self._db.execute(
                 "SELECT source_device, source_lu, source_uuid, since FROM replica_of WHERE lu=?",
                 (lu,)).fetchone()
+            self._replica_of[lu] = row
+            return row
 
     def set_replica_of(self, lu: str, source_device: str, source_lu: str,
                        source_uuid: str) -> None:

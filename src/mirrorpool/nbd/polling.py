@@ -27,8 +27,16 @@ _DONTWAIT = socket.MSG_DONTWAIT
 
 
 def default_pollers() -> int:
-    """Threads that may poll at once: half the CPUs, at least one."""
-    return max(1, (os.cpu_count() or 2) // 2)
+    """Threads that may poll at once: half the CPUs this process may run on.
+
+    None on a single CPU: the request a poller waits for is sent by a host or
+    made by a thread that needs that same CPU, so spinning only delays it.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return cpus // 2
 
 
 class PollBudget:
