@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +60,8 @@ class Target:
     kind: str
     uri: str
     size: int
+    # the server's state for a failure message: nbdkit's exit status and stderr
+    server_state: Callable[[], str] | None = None
 
 
 @pytest.fixture(params=["mirrorpool", "nbdkit"])
@@ -72,5 +74,5 @@ def target(request: pytest.FixtureRequest, device: DeviceProcess) -> Iterator[Ta
     else:
         need("nbdkit")
         kit = NbdkitProcess(["memory", str(size)]).start()
-        yield Target("nbdkit", kit.uri(), size)
+        yield Target("nbdkit", kit.uri(), size, kit.state)
         kit.stop()

@@ -8,10 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 VENV_BIN = Path(sys.executable).parent
 MIRRORPOOL = str(VENV_BIN / "mirrorpool")
@@ -147,12 +149,17 @@ class NbdkitProcess:
     plugin_args: list[str]
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    # nbdkit's own messages, kept so that a failing test can tell what nbdkit saw
+    _stderr: IO[bytes] | None = None
 
     def start(self, attempts: int = 3) -> NbdkitProcess:
         for _ in range(attempts):
+            if self._stderr is not None:
+                self._stderr.close()
+            self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
             self.proc = subprocess.Popen(
                 ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(self.port), *self.plugin_args],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=self._stderr,
             )
             wait_for_port(self.port, self.proc)
             # the port may have answered for someone else: nbdkit must still be running
@@ -165,6 +172,21 @@ class NbdkitProcess:
     def uri(self) -> str:
         return f"nbd://127.0.0.1:{self.port}"
 
+    def state(self) -> str:
+        """Whether nbdkit still runs, and what it wrote to stderr (for failure messages)."""
+        if self.proc is None:
+            return "nbdkit not started"
+        code = self.proc.poll()
+        said = ""
+        if self._stderr is not None:
+            self._stderr.seek(0)
+            said = self._stderr.read()[-4000:].decode(errors="replace").strip()
+        running = "running" if code is None else f"exited with status {code}"
+        return f"nbdkit pid {self.proc.pid} {running}; stderr: {said or '(nothing)'}"
+
     def stop(self) -> None:
         if self.proc is not None:
             stop_pid(self.proc)
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None

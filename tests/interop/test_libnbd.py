@@ -521,11 +521,16 @@ def test_socket_shut_down_with_requests_in_flight(connect: Connect, target: Targ
             victim.poll(1000)
             victim.pread(512, 0)
 
-    assert other.pread(4096, 0) == b"\x77" * 4096
-    other.pwrite(b"\x99" * 4096, 4096)
-    fresh = connect()
-    assert fresh.pread(8192, 0) == b"\x77" * 4096 + b"\x99" * 4096
-    assert set(fresh.pread(8 * MiB, 8 * MiB)) <= {0, 0x88}
+    try:
+        assert other.pread(4096, 0) == b"\x77" * 4096
+        other.pwrite(b"\x99" * 4096, 4096)
+        fresh = connect()
+        assert fresh.pread(8192, 0) == b"\x77" * 4096 + b"\x99" * 4096
+        assert set(fresh.pread(8 * MiB, 8 * MiB)) <= {0, 0x88}
+    except (nbd.Error, AssertionError) as exc:
+        if target.server_state is None:
+            raise
+        raise AssertionError(f"{exc} [{target.server_state()}]") from exc
     if target.kind == "mirrorpool":
         wait_until(lambda: lu_connections(device, target) == 2, 10,
                    "the device to drop the shut-down connection")
