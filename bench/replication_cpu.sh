@@ -1,0 +1,75 @@
+#!/bin/bash
+# Where device A's CPU goes per host write, with and without a replication link.
+#
+#   bash bench/replication_cpu.sh MODE [drop]
+#
+# MODE: nolink    the LU alone
+#       link      async link to device B (B on CPU 1)
+#       journal   the link, with B SIGKILLed once caught up: journaling, no sending
+# drop: `sync; echo 1 > /proc/sys/vm/drop_caches` (root) before the measured run, so
+#       the page cache holds no large folios from the fill and the initial copy.
+#
+# A and fio run on CPU 0, B on CPU 1.  A 1 GiB LU of pool 3 is filled with 1 MiB
+# writes, then fio writes 4 KiB blocks at random, iodepth 16, for 16 s; A's threads'
+# utime + stime (from /proc) over 10 s of it are divided by the writes in that time.
+# Ports 11909/11919 (NBD) and 11990/11991 (API) on 127.0.0.1; servers are stopped by PID.
+set -euo pipefail
+MODE=${1:?usage: replication_cpu.sh nolink|link|journal [drop]}
+DROP=${2:-}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+MP="$ROOT/.venv/bin/mirrorpool"
+W=$(mktemp -d /tmp/replication-cpu-XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.1; done; echo "port $1 not up" >&2; exit 1; }
+
+taskset -c 0 "$MP" serve --data "$W/a" --listen 127.0.0.1:11909 --api 127.0.0.1:11990 > "$W/a.log" 2>&1 &
+A=$!; PIDS+=("$A")
+taskset -c 1 "$MP" serve --data "$W/b" --listen 127.0.0.1:11919 --api 127.0.0.1:11991 > "$W/b.log" 2>&1 &
+B=$!; PIDS+=("$B")
+wait_port 11990; wait_port 11991; wait_port 11909
+export MIRRORPOOL_API=http://127.0.0.1:11990
+"$MP" lu create bench --size 1G --pool 3 > /dev/null
+fio --name=fill --ioengine=nbd --uri=nbd://127.0.0.1:11909/bench --rw=write --bs=1M \
+    --iodepth=8 --size=1G > /dev/null
+if [ "$MODE" != nolink ]; then
+    "$MP" remote add bench --device http://127.0.0.1:11991 --remote-pool 3 > /dev/null
+    for _ in $(seq 600); do
+        s=$(curl -s "$MIRRORPOOL_API/v1/lus/bench/remote")
+        [[ $s == *'"state":"consistent"'* && $s == *'"lag_seq":0,'* ]] && break
+        sleep 0.5
+    done
+fi
+[ "$MODE" = journal ] && kill -9 "$B" && sleep 1
+if [ "$DROP" = drop ]; then sync; echo 1 > /proc/sys/vm/drop_caches; fi
+
+taskset -c 0 fio --name=x --ioengine=nbd --uri=nbd://127.0.0.1:11909/bench --rw=randwrite \
+    --bs=4k --iodepth=16 --size=1G --runtime=16 --time_based --output-format=json \
+    --output="$W/fio.json" > /dev/null &
+F=$!
+sleep 3
+/usr/bin/python3 - "$A" 10 > "$W/cpu.txt" <<'PY'
+import os, sys, time
+pid, span = sys.argv[1], float(sys.argv[2])
+def snap():
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            f = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+            out[tid] = int(f[11]) + int(f[12])
+        except OSError:
+            pass
+    return out
+a = snap(); time.sleep(span); b = snap()
+ticks = os.sysconf("SC_CLK_TCK")
+print(sum(b[t] - a.get(t, 0) for t in b) / ticks / span)
+PY
+wait "$F"
+/usr/bin/python3 - "$W/fio.json" "$(cat "$W/cpu.txt")" "$MODE" "$DROP" <<'PY'
+import json, sys
+iops = json.load(open(sys.argv[1]))["jobs"][0]["write"]["iops"]
+cpu = float(sys.argv[2])
+print(f"{sys.argv[3]} {sys.argv[4] or 'cached'}: {iops:,.0f} write IOPS, "
+      f"A uses {cpu:.2f} CPU = {cpu / iops * 1e6:.1f} us per write")
+PY
