@@ -322,3 +322,25 @@ def test_release_writes_back_and_drops_the_cache(store: FileStore, store_path: P
     store.release()
     assert resident_bytes(store_path) == 0
     assert read(store, 0, 4 * MIB) == data
+
+
+def test_big_writes_reach_the_kernel_in_pieces(store: FileStore, monkeypatch) -> None:
+    """No write call bigger than WRITE_PIECE: the page cache then keeps small folios."""
+    from mirrorpool.store import file as file_module
+
+    sizes: list[int] = []
+    real = os.pwritev
+
+    def counting(fd: int, buffers: list, offset: int) -> int:
+        sizes.append(sum(len(b) for b in buffers))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(file_module.os, "pwritev", counting)
+    data = pattern(3 * file_module.WRITE_PIECE + 4096)
+    store.write(data, 8192)
+    assert max(sizes) <= file_module.WRITE_PIECE
+    assert sum(sizes) == len(data)
+    assert read(store, 8192, len(data)) == data
+    sizes.clear()
+    store.write(pattern(4096, seed=2), 0)
+    assert sizes == [4096]
