@@ -56,6 +56,7 @@ from mirrorbench import (
     write_side,
 )
 from mirrorpool.nbd.client import NbdClient, NbdError
+from mirrorpool.nbd.constants import TRIGGER_CONTEXT
 
 MODES = ("no-triggers", "triggers", "triggers-other-lu", "idle-triggers")
 OTHER_LU = "idle"  # a second LU of the same device that nothing writes to
@@ -109,7 +110,7 @@ class Triggerer(threading.Thread):
         self.nbd: NbdClient | None = None
         if mechanism == "in-band":
             self.nbd = NbdClient(f"nbd://127.0.0.1:{server.port}/{lu}",
-                                 contexts=("mirrorpool:trigger",))
+                                 contexts=(TRIGGER_CONTEXT,))
         self.server = server
         self.interval = interval
         self.start_at = start_at

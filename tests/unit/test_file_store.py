@@ -12,6 +12,7 @@ import pytest
 
 from mirrorpool.nbd.constants import AllocationFlag, Errno
 from mirrorpool.store import Extent, FastZeroUnsupported, FileStore, StoreError
+from mirrorpool.store import file as file_module
 
 HOLE_ZERO = AllocationFlag.HOLE | AllocationFlag.ZERO
 DATA = AllocationFlag(0)
@@ -326,8 +327,6 @@ def test_release_writes_back_and_drops_the_cache(store: FileStore, store_path: P
 
 def test_big_writes_reach_the_kernel_in_pieces(store: FileStore, monkeypatch) -> None:
     """No write call bigger than WRITE_PIECE: the page cache then keeps small folios."""
-    from mirrorpool.store import file as file_module
-
     sizes: list[int] = []
     real = os.pwritev
 
