@@ -94,10 +94,11 @@ class Sequencer:
         """Queue unnumbered work on several disjoint ranges, in ascending order, as one op."""
         with self.lock:
             start, end = parts[0][0], parts[-1][1]
+            # Host writes wait behind this lock: a binary search per op in flight,
+            # not a scan of every part.
             deps = [o for o in self._inflight if o.start < end and start < o.end
-                    and any(o.start < e and s < o.end
-                            and (o.parts is None or _overlaps(o.parts, s, e))
-                            for s, e in parts)]
+                    and (_overlaps(parts, o.start, o.end) if o.parts is None
+                         else any(_overlaps(o.parts, s, e) for s, e in parts))]
             for dep in deps:
                 if dep.event is None:
                     dep.event = threading.Event()

@@ -535,21 +535,21 @@ class MirroredVolume:
         chunks are copied many per step, yet each run is ordered on its own, so a
         host write waits only if it overlaps one of them.
         """
-        with self.seq.lock:
-            for member in [*self._cow, self.active]:
-                if member is not None and member.pending:
-                    runs: list[tuple[int, int]] = []
-                    for total, c in enumerate(member.pending, 1):
-                        if runs and runs[-1][1] == c:
-                            runs[-1] = (runs[-1][0], c + 1)
-                        elif len(runs) == COPY_RUNS:
-                            break
-                        else:
-                            runs.append((c, c + 1))
-                        if total == COPY_RUN:
-                            break
-                    return member, runs
-        return None
+        with self.seq.lock:  # held briefly: host writes are admitted under it
+            member = next((m for m in [*self._cow, self.active]
+                           if m is not None and m.pending), None)
+            if member is None:
+                return None
+            chosen = member.pending[:COPY_RUN]
+        runs: list[tuple[int, int]] = []
+        for c in chosen:
+            if runs and runs[-1][1] == c:
+                runs[-1] = (runs[-1][0], c + 1)
+            elif len(runs) == COPY_RUNS:
+                break
+            else:
+                runs.append((c, c + 1))
+        return member, runs
 
     def _resync_loop(self) -> None:
         while not self._stopping:
