@@ -536,6 +536,8 @@ class MirroredVolume:
         host write waits only if it overlaps one of them.
         """
         with self.seq.lock:  # held briefly: host writes are admitted under it
+            if self.resync_paused:  # checked here too, so a pause holds from its return
+                return None
             member = next((m for m in [*self._cow, self.active]
                            if m is not None and m.pending), None)
             if member is None:
