@@ -378,7 +378,8 @@ class MirroredVolume:
         op, earlier = self.seq.admit_barrier()
         plan.op, plan.earlier = op, earlier
         member = plan.gen_member
-        if member is not self.active:
+        recycled = member is not self.active
+        if recycled:
             member.pending |= self._differs(member)
             member.epoch += 1
         plan.gen = self.next_gen
@@ -401,7 +402,8 @@ class MirroredVolume:
         member.split_earlier = earlier
         if member.pending and member not in self._cow:
             self._cow.append(member)
-        member.save_pending()
+        if recycled:  # an active backup's pending file is kept exact as it syncs
+            member.save_pending()
         nxt = plan.next_active
         if nxt is not None:
             nxt.pending |= self._differs(nxt)
