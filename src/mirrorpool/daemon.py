@@ -100,8 +100,8 @@ class RunningDevice:
         app = create_app(self.device, self.nbd.addresses, self.api_url, self.nbd.connection_count,
                          self.io_stats)
         self._uvicorn = uvicorn.Server(
-            # The C parser and loop: each API request then takes a quarter of the
-            # interpreter time, which the NBD threads share (BENCHMARKS.md, "Triggers").
+            # The C parser and loop: an API request then takes a quarter to a half of
+            # the CPU, time the NBD threads would wait for (BENCHMARKS.md, "Triggers").
             uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
                            http="httptools", loop="uvloop",
                            timeout_graceful_shutdown=2, timeout_keep_alive=5)
