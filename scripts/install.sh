@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(python3 python3-venv python3-pip)
+# gcc, libc6-dev and python3-dev build the C chunk copy that resyncs use
+debs=(python3 python3-venv python3-pip gcc libc6-dev python3-dev)
 extras=""
 if [[ "${1:-}" == "--test" ]]; then
     debs+=(qemu-utils libnbd-bin python3-libnbd nbdkit fio qemu-system-common iproute2 openssl)

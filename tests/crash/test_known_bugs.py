@@ -54,7 +54,7 @@ def test_split_during_copy_before_write_keeps_the_chunk_pending(tmp_path: Path) 
         member1 = next(m for m in volume.members if m.idx == 1)
         assert list(member1.pending) == [3]
 
-        original = volume._copy_range
+        original = volume._copy_data
         applied = threading.Event()
         answers: list[dict] = []
 
@@ -63,15 +63,15 @@ def test_split_during_copy_before_write_keeps_the_chunk_pending(tmp_path: Path) 
             applied.set()
             answers.extend(device.triggers.complete(pending))
 
-        def copy_then_split(member, start, length):  # type: ignore[no-untyped-def]
-            original(member, start, length)
+        def copy_then_split(member, chunks):  # type: ignore[no-untyped-def]
+            original(member, chunks)
             if member is member1 and not applied.is_set():
                 threading.Thread(target=split_now, daemon=True).start()
                 assert applied.wait(10)
 
-        volume._copy_range = copy_then_split  # type: ignore[method-assign]
+        volume._copy_data = copy_then_split  # type: ignore[method-assign]
         write(b"Y")  # copy-before-write of chunk 3 into gen 2, T3 in the middle
-        volume._copy_range = original  # type: ignore[method-assign]
+        volume._copy_data = original  # type: ignore[method-assign]
         for _ in range(100):
             if answers:
                 break

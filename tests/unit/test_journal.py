@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import struct
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyroaring import BitMap
@@ -14,8 +16,10 @@ from mirrorpool.mirror.journal import (
     HEADER_SIZE,
     MAX_SLOT_CHUNKS,
     REGION_CHUNKS,
+    BitmapFile,
     Journal,
     SplitRecord,
+    bitmap_to_bits,
     pack_slot,
     unpack_slot,
 )
@@ -151,3 +155,25 @@ def test_every_unfinished_write_is_divergent(tmp_path_factory, writes) -> None: 
     journal.close()
     assert unfinished <= divergent
     assert divergent <= changed
+
+
+@pytest.mark.parametrize("nchunks", [5 * 32768 + 123, 40 * 32768 + 5])  # the last page short
+def test_bitmap_file_clear_rewrites_the_pages_it_touches(tmp_path: Path, nchunks: int) -> None:
+    """After saves and clears the file always says exactly what is still pending."""
+    path = str(tmp_path / "m.pending")
+    rng = random.Random(3)
+    pending = BitMap(rng.sample(range(nchunks), 20000))
+    bf = BitmapFile(path, nchunks)
+    bf.save(pending)
+    for _ in range(30):
+        cleared = BitMap(rng.sample(sorted(pending), min(300, len(pending))))
+        pending -= cleared
+        bf.clear(cleared)
+        with open(path, "rb") as f:
+            assert f.read() == bitmap_to_bits(pending, bf.nbytes)
+    bf.close()
+    again = BitmapFile(path, nchunks)  # clears before any load read the file first
+    gone = BitMap(sorted(pending)[:50])
+    again.clear(gone)
+    assert again.load() == pending - gone
+    again.close()

@@ -7,13 +7,15 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mirrorpool.device.device import Device
-from mirrorpool.mirror import volume as volume_module
 from mirrorpool.mirror.changes import CHUNK
 from mirrorpool.mirror.volume import MirroredVolume
-from mirrorpool.store import FileStore
+from mirrorpool.store import FileStore, StoreError
+from mirrorpool.store import file as file_module
+from mirrorpool.store.file import copy_chunks
 
 SIZE = 8 << 20
 
@@ -31,8 +33,21 @@ def store_bytes(store: FileStore) -> bytes:
     return bytes(buf)
 
 
+@pytest.fixture(params=["native", "python"])
+def copy_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the C chunk copy, and again with the Python one it falls back to."""
+    if request.param == "python":
+        monkeypatch.setattr(file_module, "_chunkcopy", None)
+    return str(request.param)
+
+
+def test_the_c_chunk_copy_is_built() -> None:
+    """``pip install`` builds it where a C compiler is present, as scripts/install.sh ensures."""
+    assert file_module._chunkcopy is not None
+
+
 def test_scattered_chunks_are_read_and_written_not_spliced(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, copy_path: str
 ) -> None:
     """copy_file_range costs 3 to 15 times a read and a write for one chunk on ext4."""
 
@@ -69,11 +84,62 @@ def test_scattered_chunks_are_read_and_written_not_spliced(
 
 def test_copy_buffers_are_per_thread() -> None:
     """Resync and copy-before-write copy at once, from different threads."""
-    mine = volume_module._copy_buffer()
-    assert volume_module._copy_buffer() is mine
+    mine = file_module._copy_buffer()
+    assert file_module._copy_buffer() is mine
     theirs: list[memoryview] = []
-    t = threading.Thread(target=lambda: theirs.append(volume_module._copy_buffer()))
+    t = threading.Thread(target=lambda: theirs.append(file_module._copy_buffer()))
     t.start()
     t.join()
     assert theirs[0] is not mine
-    assert len(mine) == volume_module.SPARSE_COPY
+    assert len(mine) == file_module.COPY_BUFFER
+
+
+def make_store(path: Path, data: bytes) -> FileStore:
+    path.write_bytes(data)
+    return FileStore(str(path), len(data))
+
+
+def test_copy_chunks_copies_those_chunks_only(tmp_path: Path, copy_path: str) -> None:
+    size = 64 * CHUNK + 1000  # a last chunk that is partly past the end
+    rng = np.random.default_rng(7)
+    src = make_store(tmp_path / "src", rng.bytes(size))
+    dst = make_store(tmp_path / "dst", b"\xee" * size)
+    # single chunks, runs, a run longer than the copy buffer, and the partial last chunk
+    wanted = [0, 2, 3, 4, 9, *range(10, 10 + 70), 90, 64]
+    wanted = sorted({c for c in wanted if c * CHUNK < size})
+    copied = copy_chunks(src, dst, np.array(wanted, dtype=np.uint32), CHUNK, size)
+    assert copied == sum(min(CHUNK, size - c * CHUNK) for c in wanted)
+    before, after = (tmp_path / "src").read_bytes(), (tmp_path / "dst").read_bytes()
+    assert len(after) == size  # nothing written past the limit
+    for c in range(size // CHUNK + 1):
+        part = slice(c * CHUNK, min((c + 1) * CHUNK, size))
+        expected = before[part] if c in wanted else b"\xee" * (part.stop - part.start)
+        assert after[part] == expected, f"chunk {c}"
+
+
+def test_copy_chunks_reads_zeros_past_a_short_source(tmp_path: Path, copy_path: str) -> None:
+    src = make_store(tmp_path / "src", b"\x01" * (2 * CHUNK + 10))
+    src._size = 8 * CHUNK  # a backing file shorter than its LU
+    dst = make_store(tmp_path / "dst", b"\xee" * (8 * CHUNK))
+    copy_chunks(src, dst, np.array([2, 3, 6], dtype=np.uint32), CHUNK, 8 * CHUNK)
+    after = (tmp_path / "dst").read_bytes()
+    assert after[2 * CHUNK : 2 * CHUNK + 10] == b"\x01" * 10
+    assert after[2 * CHUNK + 10 : 4 * CHUNK] == bytes(2 * CHUNK - 10)
+    assert after[6 * CHUNK : 7 * CHUNK] == bytes(CHUNK)
+    assert after[4 * CHUNK : 6 * CHUNK] == b"\xee" * (2 * CHUNK)
+
+
+def test_copy_chunks_failures_name_the_side(tmp_path: Path, copy_path: str) -> None:
+    src = make_store(tmp_path / "src", b"\x01" * (4 * CHUNK))
+    dst = make_store(tmp_path / "dst", b"\x02" * (4 * CHUNK))
+    readonly = FileStore.__new__(FileStore)
+    readonly.__dict__.update(dst.__dict__)
+    readonly._fd = os.open(tmp_path / "dst", os.O_RDONLY)
+    with pytest.raises(StoreError, match=f"write.* at {2 * CHUNK}"):
+        copy_chunks(src, readonly, np.array([2], dtype=np.uint32), CHUNK, 4 * CHUNK)
+    unreadable = FileStore.__new__(FileStore)
+    unreadable.__dict__.update(src.__dict__)
+    unreadable._fd = os.open(tmp_path / "src", os.O_WRONLY)
+    with pytest.raises(StoreError, match=f"read.* at {CHUNK}"):
+        copy_chunks(unreadable, dst, np.array([1], dtype=np.uint32), CHUNK, 4 * CHUNK)
+    assert (tmp_path / "dst").read_bytes() == b"\x02" * (4 * CHUNK)

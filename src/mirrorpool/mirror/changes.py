@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 from pyroaring import BitMap
 
 CHUNK = 4 * 1024  # tracking, copy-before-write and resync granularity
@@ -34,6 +35,32 @@ def chunk_runs(chunks: BitMap, max_run: int | None = None) -> Iterator[tuple[int
         start = prev = c
     if start is not None:
         yield start, prev - start + 1
+
+
+def chunk_array(chunks: BitMap) -> np.ndarray:
+    """The chunks as an ascending uint32 array."""
+    return np.frombuffer(chunks.to_array(), dtype=np.uint32)
+
+
+def array_runs(chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of consecutive chunks in an ascending array: (first chunks, counts)."""
+    if not len(chunks):
+        return chunks, chunks
+    breaks = np.flatnonzero(np.diff(chunks) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    counts = np.diff(np.concatenate((starts, [len(chunks)])))
+    return chunks[starts], counts
+
+
+def split_runs(chunks: BitMap, long: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Chunks in runs shorter than ``long`` (an array), and the longer runs as (first, count)."""
+    array = chunk_array(chunks)
+    firsts, counts = array_runs(array)
+    is_long = counts >= long
+    if not is_long.any():
+        return array, []
+    return (array[np.repeat(~is_long, counts)],
+            list(zip(firsts[is_long].tolist(), counts[is_long].tolist(), strict=True)))
 
 
 def next_set(chunks: BitMap, start: int) -> int | None:

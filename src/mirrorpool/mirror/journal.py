@@ -383,8 +383,12 @@ class BitmapFile:
 
     A pool member's pending set lives here, so the copy-before-write state of
     a generation is exact after a crash: a chunk's bit is cleared only after
-    its data was copied, and before the primary is overwritten.
+    its data was copied, and before the primary is overwritten.  An image of
+    the file is kept in memory, so clearing bits rewrites only the 4 KiB
+    pages of the file that hold them.
     """
+
+    PAGE = 4096
 
     def __init__(self, path: str, nchunks: int) -> None:
         self.path = path
@@ -392,27 +396,49 @@ class BitmapFile:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if os.fstat(self._fd).st_size < self.nbytes:
             os.ftruncate(self._fd, self.nbytes)
+        self._image: np.ndarray | None = None  # the file's bytes, once read or written
+
+    def _read_image(self) -> np.ndarray:
+        raw = os.pread(self._fd, self.nbytes, 0)
+        image = np.zeros(self.nbytes, dtype=np.uint8)
+        image[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+        self._image = image
+        return image
 
     def load(self) -> BitMap:
-        return bits_to_bitmap(os.pread(self._fd, self.nbytes, 0))
+        return bits_to_bitmap(self._read_image().tobytes())
 
     def save(self, chunks: BitMap) -> None:
-        os.pwrite(self._fd, bitmap_to_bits(chunks, self.nbytes), 0)
+        data = bitmap_to_bits(chunks, self.nbytes)
+        os.pwrite(self._fd, data, 0)
+        self._image = np.frombuffer(data, dtype=np.uint8).copy()
 
-    def clear(self, chunks: BitMap, first: int, stop: int) -> None:
-        """Write back the bytes covering [first, stop) from ``chunks`` (bits already cleared)."""
-        lo, hi = first >> 3, min((stop + 7) >> 3, self.nbytes)
-        data = bytearray(hi - lo)
-        for c in chunks.iter_equal_or_larger(lo * 8) if chunks else ():
-            if c >= hi * 8:
-                break
-            data[(c >> 3) - lo] |= 1 << (c & 7)
-        os.pwrite(self._fd, bytes(data), lo)
+    def clear(self, cleared: BitMap) -> None:
+        """Clear the bits of ``cleared`` and write back the pages holding them."""
+        if not cleared:
+            return
+        image = self._image if self._image is not None else self._read_image()
+        idx = np.frombuffer(cleared.to_array(), dtype=np.uint32)
+        idx = idx[idx < self.nbytes * 8]
+        if not len(idx):
+            return
+        masks = np.left_shift(np.uint8(1), (idx & 7).astype(np.uint8))
+        np.bitwise_and.at(image, idx >> 3, np.invert(masks))
+        pages = (idx >> 15).astype(np.int64)  # 32768 chunks to a page of the file; ascending
+        first, last = int(pages[0]), int(pages[-1])
+        if last - first < 16:  # one write of a few pages costs less than several
+            os.pwrite(self._fd, image[first * self.PAGE : (last + 1) * self.PAGE],
+                      first * self.PAGE)
+            return
+        for page in pages[np.flatnonzero(np.diff(pages, prepend=-1))].tolist():
+            lo = page * self.PAGE
+            os.pwrite(self._fd, image[lo : lo + self.PAGE], lo)
 
     def resize(self, nchunks: int) -> None:
         self.nbytes = (nchunks + 7) // 8
         if os.fstat(self._fd).st_size < self.nbytes:
             os.ftruncate(self._fd, self.nbytes)
+        self._image = None  # read again when next needed
 
     def flush(self) -> None:
         os.fdatasync(self._fd)

@@ -46,9 +46,10 @@ class Member:
         if self.pending_file is not None:
             self.pending_file.save(self.pending)
 
-    def pending_cleared(self, first: int, stop: int) -> None:
+    def pending_cleared(self, cleared: BitMap) -> None:
+        """``cleared`` left ``pending`` (copied): make the file say so."""
         if self.pending_file is not None:
-            self.pending_file.clear(self.pending, first, stop)
+            self.pending_file.clear(cleared)
 
     @property
     def syncing(self) -> bool:

@@ -23,12 +23,21 @@ from dataclasses import dataclass, field
 from pyroaring import BitMap
 
 from mirrorpool.errors import Conflict, NotFound
-from mirrorpool.mirror.changes import CHUNK, ChangeLog, chunk_runs, chunk_span, next_set
+from mirrorpool.mirror.changes import (
+    CHUNK,
+    ChangeLog,
+    array_runs,
+    chunk_array,
+    chunk_span,
+    next_set,
+    split_runs,
+)
 from mirrorpool.mirror.journal import Journal, SplitRecord
 from mirrorpool.mirror.pool import Member, MemberState, recycle_order
 from mirrorpool.mirror.sequencer import Op, Sequencer
 from mirrorpool.nbd.constants import AllocationFlag
 from mirrorpool.store import Extent, FileStore, StoreError
+from mirrorpool.store.file import copy_chunks
 
 log = logging.getLogger("mirrorpool.mirror")
 
@@ -37,16 +46,6 @@ COPY_RUNS = 64  # separate runs per step, when the chunks to copy are scattered
 PARALLEL_WRITE = 256 * 1024  # from this size the backup is written beside the primary
 SPARSE_COPY = 256 * 1024  # copies from this size look for holes first
 _mirror_io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mirror-io")
-_copy_buffers = threading.local()  # resync and copy-before-write run in several threads
-
-
-def _copy_buffer() -> memoryview:
-    buf: memoryview | None = getattr(_copy_buffers, "buf", None)
-    if buf is None:
-        buf = _copy_buffers.buf = memoryview(bytearray(SPARSE_COPY))
-    return buf
-
-
 def member_differs(member: Member, changes: ChangeLog, primary: FileStore, size: int) -> BitMap:
     """Chunks where ``member`` may differ from the primary now."""
     nchunks = (size + CHUNK - 1) // CHUNK
@@ -303,35 +302,30 @@ class MirroredVolume:
         """
         if epoch is None:
             epoch = member.epoch
-        copied = BitMap()
-        for first, count in chunk_runs(chunks):
-            start = first * CHUNK
-            length = min(count * CHUNK, self.size - start)
-            self._copy_range(member, start, length)
-            copied.add_range(first, first + count)
-            self._copied_bytes += length
+        self._copy_data(member, chunks)
         with self.seq.lock:
             if member.epoch != epoch:
                 return
-            member.pending -= copied
-            if copied:
-                member.pending_cleared(copied.min(), copied.max() + 1)
+            member.pending -= chunks
+            member.pending_cleared(chunks)
         if not member.pending:
             self._sync_complete(member)
 
-    def _copy_range(self, member: Member, start: int, length: int) -> None:
-        """Primary to member: through a reused buffer for small runs, skipping holes for big ones.
+    def _copy_data(self, member: Member, chunks: BitMap) -> None:
+        """The chunks' bytes, primary to member: scattered ones in one call, long runs sparsely."""
+        scattered, long_runs = split_runs(chunks, SPARSE_COPY // CHUNK)
+        if len(scattered):
+            self._copied_bytes += copy_chunks(self.primary, member.store, scattered, CHUNK,
+                                              self.size)
+        for first, count in long_runs:
+            start = first * CHUNK
+            length = min(count * CHUNK, self.size - start)
+            self._copy_sparse(member, start, length)
+            self._copied_bytes += length
 
-        A small run is read and written, not copied with copy_file_range: on ext4 that
-        goes through a pipe and costs 11 to 60 us for 4 KiB, against 4 us for a read
-        and a write (BENCHMARKS.md, "Triggers under load").
-        """
+    def _copy_sparse(self, member: Member, start: int, length: int) -> None:
+        """A long run, primary to member: holes are punched, not copied."""
         src, dst = self.primary, member.store
-        if length < SPARSE_COPY:
-            buf = _copy_buffer()[:length]
-            src.read_into(buf, start)  # past the end of a shorter backing file: zeros
-            dst.write(buf, start)
-            return
         member.bulk_copied = True
         for ext in src.extents(start, length):
             if ext.flags & AllocationFlag.HOLE:
@@ -545,15 +539,9 @@ class MirroredVolume:
             if member is None:
                 return None
             chosen = member.pending[:COPY_RUN]
-        runs: list[tuple[int, int]] = []
-        for c in chosen:
-            if runs and runs[-1][1] == c:
-                runs[-1] = (runs[-1][0], c + 1)
-            elif len(runs) == COPY_RUNS:
-                break
-            else:
-                runs.append((c, c + 1))
-        return member, runs
+        firsts, counts = array_runs(chunk_array(chosen))
+        firsts, counts = firsts[:COPY_RUNS].tolist(), counts[:COPY_RUNS].tolist()
+        return member, [(f, f + n) for f, n in zip(firsts, counts, strict=True)]
 
     def _resync_loop(self) -> None:
         while not self._stopping:
