@@ -204,3 +204,18 @@ def test_replica_of_follows_every_change(db_path: Path) -> None:
         raise RuntimeError("rolled back")
     assert catalog.replica_of("copy") is None
     catalog.close()
+
+
+def test_pruning_change_sets_visits_only_rows_that_hold_one(db_path: Path) -> None:
+    """Recycled generations stay as history; a split's prune must not scan them all."""
+    catalog = Catalog(str(db_path))
+    catalog.add_lu("lu", "u1", 1 << 20, 2, None)
+    statements: list[str] = []
+    catalog._db.set_trace_callback(statements.append)
+    catalog.save_pool("lu", [], 7, None, prune_changes_upto=5)
+    catalog._db.set_trace_callback(None)
+    prunes = [s for s in statements if s.startswith("UPDATE generation SET changes=NULL")]
+    assert prunes, statements
+    for statement in prunes:
+        plan = catalog._db.execute("EXPLAIN QUERY PLAN " + statement).fetchall()
+        assert "generation_with_changes" in " ".join(str(row) for row in plan), plan

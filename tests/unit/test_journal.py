@@ -158,17 +158,22 @@ def test_every_unfinished_write_is_divergent(tmp_path_factory, writes) -> None: 
 
 
 @pytest.mark.parametrize("nchunks", [5 * 32768 + 123, 40 * 32768 + 5])  # the last page short
-def test_bitmap_file_clear_rewrites_the_pages_it_touches(tmp_path: Path, nchunks: int) -> None:
+def test_bitmap_file_rewrites_the_pages_it_touches(tmp_path: Path, nchunks: int) -> None:
     """After saves and clears the file always says exactly what is still pending."""
     path = str(tmp_path / "m.pending")
     rng = random.Random(3)
     pending = BitMap(rng.sample(range(nchunks), 20000))
     bf = BitmapFile(path, nchunks)
     bf.save(pending)
-    for _ in range(30):
-        cleared = BitMap(rng.sample(sorted(pending), min(300, len(pending))))
-        pending -= cleared
-        bf.clear(cleared)
+    for step in range(30):
+        if step % 3 == 2:  # a split adds chunks written since; once, most of the LU
+            added = BitMap(rng.sample(range(nchunks), nchunks // 2 if step == 5 else 500))
+            pending |= added
+            bf.mark(added)
+        else:
+            cleared = BitMap(rng.sample(sorted(pending), min(300, len(pending))))
+            pending -= cleared
+            bf.clear(cleared)
         with open(path, "rb") as f:
             assert f.read() == bitmap_to_bits(pending, bf.nbytes)
     bf.close()

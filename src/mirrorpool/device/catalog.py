@@ -46,6 +46,10 @@ CREATE TABLE IF NOT EXISTS generation (
     changes BLOB,                   -- chunks written since the previous generation
     PRIMARY KEY (lu, gen)
 );
+-- Pruning change sets visits only rows that still hold one: recycled rows stay as
+-- history, and a device that splits every 100 ms makes 864,000 of them a day.
+CREATE INDEX IF NOT EXISTS generation_with_changes ON generation (lu, gen)
+    WHERE changes IS NOT NULL;
 CREATE TABLE IF NOT EXISTS replica (   -- this LU is replicated to a remote device
     lu TEXT PRIMARY KEY REFERENCES lu(name) ON DELETE CASCADE,
     device TEXT NOT NULL,           -- the remote device's control API
@@ -257,7 +261,8 @@ class Catalog:
             )
             if prune_changes_upto is not None:
                 db.execute(
-                    "UPDATE generation SET changes=NULL WHERE lu=? AND gen<=? AND state='recycled'",
+                    "UPDATE generation SET changes=NULL WHERE lu=? AND gen<=?"
+                    " AND state='recycled' AND changes IS NOT NULL",
                     (lu, prune_changes_upto),
                 )
             db.execute(

@@ -415,15 +415,35 @@ class BitmapFile:
 
     def clear(self, cleared: BitMap) -> None:
         """Clear the bits of ``cleared`` and write back the pages holding them."""
-        if not cleared:
+        self._change(cleared, False)
+
+    def mark(self, added: BitMap) -> None:
+        """Set the bits of ``added`` and write back the pages holding them.
+
+        A split adds the chunks written since a member's own split: this costs
+        what those chunks cost, where ``save`` rewrites the whole file.
+        """
+        self._change(added, True)
+
+    def _change(self, chunks: BitMap, value: bool) -> None:
+        if not chunks:
             return
         image = self._image if self._image is not None else self._read_image()
-        idx = np.frombuffer(cleared.to_array(), dtype=np.uint32)
+        idx = np.frombuffer(chunks.to_array(), dtype=np.uint32)
         idx = idx[idx < self.nbytes * 8]
         if not len(idx):
             return
+        if len(idx) * 4 > self.nbytes * 8:  # dense: bit by bit over the whole file costs less
+            bits = np.unpackbits(image, bitorder="little")
+            bits[idx] = value
+            image[:] = np.packbits(bits, bitorder="little")
+            os.pwrite(self._fd, image, 0)
+            return
         masks = np.left_shift(np.uint8(1), (idx & 7).astype(np.uint8))
-        np.bitwise_and.at(image, idx >> 3, np.invert(masks))
+        if value:
+            np.bitwise_or.at(image, idx >> 3, masks)
+        else:
+            np.bitwise_and.at(image, idx >> 3, np.invert(masks))
         pages = (idx >> 15).astype(np.int64)  # 32768 chunks to a page of the file; ascending
         first, last = int(pages[0]), int(pages[-1])
         if last - first < 16:  # one write of a few pages costs less than several

@@ -46,6 +46,12 @@ class Member:
         if self.pending_file is not None:
             self.pending_file.save(self.pending)
 
+    def add_pending(self, added: BitMap) -> None:
+        """Chunks this member must copy (again), in memory and in its file."""
+        self.pending |= added
+        if self.pending_file is not None:
+            self.pending_file.mark(added)
+
     def pending_cleared(self, cleared: BitMap) -> None:
         """``cleared`` left ``pending`` (copied): make the file say so."""
         if self.pending_file is not None:

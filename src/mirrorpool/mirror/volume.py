@@ -374,7 +374,7 @@ class MirroredVolume:
         member = plan.gen_member
         recycled = member is not self.active
         if recycled:
-            member.pending |= self._differs(member)
+            lacking = self._differs(member)
             member.epoch += 1
         plan.gen = self.next_gen
         self.next_gen += 1
@@ -394,15 +394,14 @@ class MirroredVolume:
         member.last_used = op.seq or 0
         member.split_done = threading.Event()
         member.split_earlier = earlier
+        if recycled:  # the active backup's pending file needs nothing: it is kept exact
+            member.add_pending(lacking)
         if member.pending and member not in self._cow:
             self._cow.append(member)
-        if recycled:  # an active backup's pending file is kept exact as it syncs
-            member.save_pending()
         nxt = plan.next_active
         if nxt is not None:
-            nxt.pending |= self._differs(nxt)
+            nxt.add_pending(self._differs(nxt))
             nxt.epoch += 1
-            nxt.save_pending()
             nxt.state = MemberState.ACTIVE
             nxt.gen = None
             nxt.frozen_seq = None

@@ -77,8 +77,8 @@ static PyObject *copy_chunks(PyObject *self, PyObject *args)
                         " size and a limit");
         return NULL;
     }
-    char *buf = malloc(BUF_SIZE);
-    if (buf == NULL) {
+    char *buf = NULL;  /* page-aligned, as O_DIRECT descriptors need */
+    if (posix_memalign((void **)&buf, 4096, BUF_SIZE) != 0) {
         PyBuffer_Release(&chunks);
         return PyErr_NoMemory();
     }

@@ -81,7 +81,8 @@ def copy_chunks(src: BlockStore, dst: BlockStore, chunks: np.ndarray, chunk: int
     """
     if _chunkcopy is not None and type(src) is FileStore and type(dst) is FileStore:
         try:
-            return int(_chunkcopy.copy_chunks(src.fd, dst.fd, chunks, chunk, limit))
+            return int(_chunkcopy.copy_chunks(
+                src.fd, dst.fd, np.ascontiguousarray(chunks, dtype=np.uint32), chunk, limit))
         except OSError as exc:
             side, offset = getattr(exc, "where", ("copy", 0))
             raise StoreError.from_os_error(exc, f"copy ({side}) at {offset}") from exc
