@@ -14,6 +14,7 @@ from mirrorpool.api.app import create_app
 from mirrorpool.device.device import Device
 from mirrorpool.errors import DeviceBusy
 from mirrorpool.metrics import IoStats
+from mirrorpool.mirror.volume import RESYNC_SHARE
 from mirrorpool.nbd.codec import TlsMode
 from mirrorpool.nbd.polling import DEFAULT_POLL_US, PollBudget
 from mirrorpool.nbd.server import NbdServer
@@ -40,6 +41,7 @@ class ServeConfig:
     poll_us: int = DEFAULT_POLL_US
     journal_sync: bool = False
     fault_injection: bool = False
+    resync_share: float = RESYNC_SHARE
     # None: REQUIRE when a certificate is given, else OFF.
     tls: TlsMode | None = None
     tls_cert: str | None = None
@@ -75,7 +77,8 @@ class RunningDevice:
         self.tls_mode, tls = tls_setup(config)
         try:
             self.device = Device(config.data_dir, journal_sync=config.journal_sync,
-                                 fault_injection=config.fault_injection)
+                                 fault_injection=config.fault_injection,
+                                 resync_share=config.resync_share)
         except DeviceBusy as exc:
             raise StartError(str(exc)) from None
         try:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mirrorpool.device.device import Device
+from mirrorpool.errors import InvalidRequest
 from mirrorpool.mirror.changes import CHUNK
 from mirrorpool.mirror.volume import MirroredVolume
 from mirrorpool.store import FileStore, StoreError
@@ -143,3 +144,62 @@ def test_copy_chunks_failures_name_the_side(tmp_path: Path, copy_path: str) -> N
     with pytest.raises(StoreError, match=f"read.* at {CHUNK}"):
         copy_chunks(unreadable, dst, np.array([1], dtype=np.uint32), CHUNK, 4 * CHUNK)
     assert (tmp_path / "dst").read_bytes() == b"\x02" * (4 * CHUNK)
+
+
+def make_stale(device: Device, volume: MirroredVolume) -> None:
+    """The next active backup of this pool-2 LU must copy 1024 single chunks (16 steps)."""
+    device.triggers.trigger(["lu"], "a")
+    wait_in_sync(volume)
+    for chunk in range(0, SIZE // CHUNK, 2):
+        op = volume.begin(chunk * CHUNK, CHUNK)
+        volume.write(op, bytes([chunk % 251 + 1]) * CHUNK, chunk * CHUNK)
+    volume.pause_resync(True)
+    device.triggers.trigger(["lu"], "b")
+
+
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_a_resync_yields_only_while_hosts_write(tmp_path: Path, share: float) -> None:
+    device = Device(str(tmp_path / "data"), resync_share=share)
+    try:
+        volume = device.create_lu("lu", SIZE, pool=2).volume
+        wait_in_sync(volume)
+        yields: list[float] = []
+        volume._yield_to_hosts = yields.append  # type: ignore[method-assign]
+        make_stale(device, volume)
+        volume.pause_resync(False)
+        wait_in_sync(volume)  # nothing writes: full speed
+        assert yields == []
+
+        make_stale(device, volume)  # the other member, stale the same way
+        done, writing = threading.Event(), threading.Event()
+
+        def host() -> None:
+            data = b"\x07" * CHUNK
+            while not done.is_set():
+                op = volume.begin(CHUNK, CHUNK)
+                volume.write(op, data, CHUNK)
+                writing.set()
+                time.sleep(0.0005)
+
+        writer = threading.Thread(target=host)
+        writer.start()
+        try:
+            assert writing.wait(10)
+            volume.pause_resync(False)
+            wait_in_sync(volume)
+        finally:
+            done.set()
+            writer.join()
+        if share < 1.0:
+            assert yields and all(y > 0 for y in yields)
+        else:
+            assert yields == []
+        wait_in_sync(volume)
+        assert store_bytes(volume.active.store) == store_bytes(volume.primary)  # type: ignore[union-attr]
+    finally:
+        device.close()
+
+
+def test_the_resync_share_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest, match="resync share"):
+        Device(str(tmp_path / "data"), resync_share=0)

@@ -9,6 +9,7 @@ import typer
 from mirrorpool.cli.api_client import fail
 from mirrorpool.daemon import ServeConfig, StartError, serve
 from mirrorpool.logs import setup_logging
+from mirrorpool.mirror.volume import MIN_SHARE, RESYNC_SHARE
 from mirrorpool.nbd.codec import TlsMode
 from mirrorpool.nbd.polling import DEFAULT_POLL_US
 
@@ -39,6 +40,10 @@ def serve_command(
         "--journal-sync", help="flush each new write-intent entry (survives power loss)")] = False,
     fault_injection: Annotated[bool, typer.Option(
         "--fault-injection", help="allow /v1/lus/NAME/faults (for testing)")] = False,
+    resync_share: Annotated[float, typer.Option(
+        "--resync-share", envvar="MIRRORPOOL_RESYNC_SHARE", min=MIN_SHARE, max=1.0,
+        help="while hosts write, the share of time resyncs may copy (1: no limit); "
+             "idle, they copy at full speed")] = RESYNC_SHARE,
     tls: Annotated[TlsMode | None, typer.Option(
         "--tls", envvar="MIRRORPOOL_TLS", case_sensitive=False,
         help="NBD over TLS: off, on (offered) or require (the default with --tls-cert; "
@@ -61,6 +66,7 @@ def serve_command(
         data_dir=data, nbd_host=nbd_host, nbd_port=nbd_port, unix_socket=unix,
         api_host=api_host, api_port=api_port, workers_per_connection=workers,
         poll_us=poll_us, journal_sync=journal_sync, fault_injection=fault_injection,
+        resync_share=resync_share,
         tls=tls, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
     )
     try:

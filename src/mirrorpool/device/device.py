@@ -30,7 +30,7 @@ from mirrorpool.device.volumes import (
 from mirrorpool.errors import Conflict, DeviceBusy, Forbidden, InvalidRequest, NotFound
 from mirrorpool.mirror.changes import CHUNK
 from mirrorpool.mirror.pool import Member
-from mirrorpool.mirror.volume import MirroredVolume
+from mirrorpool.mirror.volume import MIN_SHARE, RESYNC_SHARE, MirroredVolume
 from mirrorpool.store import FileStore, StoreError
 from mirrorpool.store.fault import FaultStore
 from mirrorpool.store.file import device_size
@@ -74,7 +74,11 @@ class LogicalUnit:
 
 class Device:
     def __init__(self, data_dir: str, journal_sync: bool = False,
-                 fault_injection: bool = False) -> None:
+                 fault_injection: bool = False, resync_share: float = RESYNC_SHARE) -> None:
+        if not MIN_SHARE <= resync_share <= 1.0:
+            raise InvalidRequest(f"the resync share must be from {MIN_SHARE} to 1, "
+                                 f"not {resync_share}")
+        self.resync_share = resync_share
         self.journal_sync = journal_sync
         self.fault_injection = fault_injection
         self.recovery: list[Recovery] = []
@@ -112,6 +116,7 @@ class Device:
         log.info("device opened", extra={"data_dir": self.data_dir, "lus": len(self._lus)})
 
     def _attach_volume(self, volume: MirroredVolume) -> None:
+        volume.resync_share = self.resync_share
         volume._persist = lambda v: save_volume(self.catalog, v)
         volume.on_generation_lost = lambda gen: self.catalog.mark_generation(
             volume.name, gen, "failed")

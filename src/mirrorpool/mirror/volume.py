@@ -45,6 +45,10 @@ COPY_RUN = 256  # chunks per background copy step (1 MiB)
 COPY_RUNS = 64  # separate runs per step, when the chunks to copy are scattered
 PARALLEL_WRITE = 256 * 1024  # from this size the backup is written beside the primary
 SPARSE_COPY = 256 * 1024  # copies from this size look for holes first
+# While hosts write, resync steps take at most this share of the resync thread's
+# time (1: no limit); with no host writes the resync always runs at full speed.
+RESYNC_SHARE = 0.5
+MIN_SHARE = 0.05
 _mirror_io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mirror-io")
 def member_differs(member: Member, changes: ChangeLog, primary: FileStore, size: int) -> BitMap:
     """Chunks where ``member`` may differ from the primary now."""
@@ -121,6 +125,8 @@ class MirroredVolume:
         self._stopping = False
         # Operators may hold resync back (e.g. at peak load); exactness does not depend on it.
         self.resync_paused = False
+        self.resync_share = RESYNC_SHARE
+        self.mutations = 0  # admitted so far: the resync yields while this moves
         self._copied_bytes = 0
         self._copy_started = 0.0
         # trigger received -> generation readable, and -> every earlier mutation done
@@ -157,6 +163,7 @@ class MirroredVolume:
 
     def _on_admit(self, op: Op) -> None:
         first, stop = op.start // CHUNK, op.end // CHUNK
+        self.mutations += 1
         if self.journal is not None:
             self.journal.begin(first, stop)
         self.changes.open.add_range(first, stop)
@@ -561,6 +568,8 @@ class MirroredVolume:
             chosen = BitMap()
             for first, stop in runs:
                 chosen.add_range(first, stop)
+            step_started = time.monotonic()
+            seen = self.mutations
             try:
                 self.seq.wait(op)
                 still = chosen & member.pending
@@ -574,10 +583,19 @@ class MirroredVolume:
                 time.sleep(1.0)  # do not spin on a persistent fault
             finally:
                 self.seq.finish(op)  # a copy never entered the journal: only members change
+            if self.mutations != seen and self.resync_share < 1.0:
+                # Hosts wrote during the step: leave them the CPU for a while.  At full
+                # speed a resync takes a whole core for tens of milliseconds after each
+                # trigger, and the writes in flight meanwhile make the latency tail.
+                took = time.monotonic() - step_started
+                self._yield_to_hosts(took * (1.0 / max(self.resync_share, MIN_SHARE) - 1.0))
             if not member.pending:
                 self._save()
                 if member.bulk_copied:
                     self._drop_copy_cache(member)
+
+    def _yield_to_hosts(self, seconds: float) -> None:
+        time.sleep(seconds)
 
     def _drop_copy_cache(self, member: Member) -> None:
         """After a bulk copy, write the member back and drop its cached pages.
