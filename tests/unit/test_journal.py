@@ -157,7 +157,7 @@ def test_every_unfinished_write_is_divergent(tmp_path_factory, writes) -> None: 
     assert divergent <= changed
 
 
-@pytest.mark.parametrize("nchunks", [5 * 32768 + 123, 40 * 32768 + 5])  # the last page short
+@pytest.mark.parametrize("nchunks", [5 * 32768 + 123, 80 * 32768 + 5])  # the last page short
 def test_bitmap_file_rewrites_the_pages_it_touches(tmp_path: Path, nchunks: int) -> None:
     """After saves and clears the file always says exactly what is still pending."""
     path = str(tmp_path / "m.pending")

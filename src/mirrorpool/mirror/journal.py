@@ -446,7 +446,7 @@ class BitmapFile:
             np.bitwise_and.at(image, idx >> 3, np.invert(masks))
         pages = (idx >> 15).astype(np.int64)  # 32768 chunks to a page of the file; ascending
         first, last = int(pages[0]), int(pages[-1])
-        if last - first < 16:  # one write of a few pages costs less than several
+        if last - first < 64:  # one write of up to 256 KiB costs less than many of 4 KiB
             os.pwrite(self._fd, image[first * self.PAGE : (last + 1) * self.PAGE],
                       first * self.PAGE)
             return

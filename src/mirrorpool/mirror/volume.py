@@ -42,7 +42,7 @@ from mirrorpool.store.file import copy_chunks
 log = logging.getLogger("mirrorpool.mirror")
 
 COPY_RUN = 256  # chunks per background copy step (1 MiB)
-COPY_RUNS = 64  # separate runs per step, when the chunks to copy are scattered
+COPY_RUNS = 256  # separate runs per step, when the chunks to copy are scattered
 PARALLEL_WRITE = 256 * 1024  # from this size the backup is written beside the primary
 SPARSE_COPY = 256 * 1024  # copies from this size look for holes first
 # While hosts write, resync steps take at most this share of the resync thread's
