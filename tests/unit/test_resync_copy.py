@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ def copy_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     return str(request.param)
 
 
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="no C compiler: copies run in Python")
 def test_the_c_chunk_copy_is_built() -> None:
     """``pip install`` builds it where a C compiler is present, as scripts/install.sh ensures."""
     assert file_module._chunkcopy is not None
@@ -203,3 +205,34 @@ def test_a_resync_yields_only_while_hosts_write(tmp_path: Path, share: float) ->
 def test_the_resync_share_is_checked(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequest, match="resync share"):
         Device(str(tmp_path / "data"), resync_share=0)
+
+
+@pytest.mark.skipif(file_module._chunkcopy is None, reason="the C chunk copy is not built")
+def test_the_c_copy_takes_only_ascending_uint32_chunk_numbers(tmp_path: Path) -> None:
+    src = make_store(tmp_path / "src", b"\x01" * (4 * CHUNK))
+    dst = make_store(tmp_path / "dst", b"\x02" * (4 * CHUNK))
+    copy = file_module._chunkcopy.copy_chunks
+    for wrong in (np.array([1], dtype=np.int32), np.array([1.0], dtype=np.float32),
+                  np.array([1], dtype=np.uint64)):
+        with pytest.raises(ValueError):
+            copy(src.fd, dst.fd, wrong, CHUNK, 4 * CHUNK)
+    with pytest.raises(ValueError):
+        copy(src.fd, dst.fd, np.array([1], dtype=np.uint32), 0, 4 * CHUNK)
+    assert (tmp_path / "dst").read_bytes() == b"\x02" * (4 * CHUNK)
+
+
+def test_stop_ends_a_pause_at_once(tmp_path: Path) -> None:
+    device = Device(str(tmp_path / "data"))
+    try:
+        volume = device.create_lu("lu", SIZE, pool=2).volume
+        wait_in_sync(volume)
+        waiter = threading.Thread(target=volume._yield_to_hosts, args=(30.0,))
+        started = time.monotonic()
+        waiter.start()
+        time.sleep(0.05)
+        volume.stop()
+        waiter.join(5)
+        assert not waiter.is_alive()
+        assert time.monotonic() - started < 5
+    finally:
+        device.close()

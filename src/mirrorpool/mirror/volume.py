@@ -49,6 +49,7 @@ SPARSE_COPY = 256 * 1024  # copies from this size look for holes first
 # time (1: no limit); with no host writes the resync always runs at full speed.
 RESYNC_SHARE = 0.5
 MIN_SHARE = 0.05
+MAX_PAUSE = 0.1  # seconds: one slow step must not hold a resync back for long
 _mirror_io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mirror-io")
 def member_differs(member: Member, changes: ChangeLog, primary: FileStore, size: int) -> BitMap:
     """Chunks where ``member`` may differ from the primary now."""
@@ -568,13 +569,15 @@ class MirroredVolume:
             chosen = BitMap()
             for first, stop in runs:
                 chosen.add_range(first, stop)
-            step_started = time.monotonic()
             seen = self.mutations
+            copying = 0.0
             try:
                 self.seq.wait(op)
                 still = chosen & member.pending
                 if still and member.state in (MemberState.ACTIVE, MemberState.GENERATION):
+                    started = time.monotonic()
                     self._copy_chunks(member, still, epoch)
+                    copying = time.monotonic() - started
                     self._written.add(member)
             except StoreError as exc:
                 self._member_failed(member, exc)
@@ -583,19 +586,21 @@ class MirroredVolume:
                 time.sleep(1.0)  # do not spin on a persistent fault
             finally:
                 self.seq.finish(op)  # a copy never entered the journal: only members change
-            if self.mutations != seen and self.resync_share < 1.0:
+            if copying and self.mutations != seen and self.resync_share < 1.0:
                 # Hosts wrote during the step: leave them the CPU for a while.  At full
                 # speed a resync takes a whole core for tens of milliseconds after each
                 # trigger, and the writes in flight meanwhile make the latency tail.
-                took = time.monotonic() - step_started
-                self._yield_to_hosts(took * (1.0 / max(self.resync_share, MIN_SHARE) - 1.0))
+                share = max(self.resync_share, MIN_SHARE)
+                self._yield_to_hosts(min(MAX_PAUSE, copying * (1.0 / share - 1.0)))
             if not member.pending:
                 self._save()
                 if member.bulk_copied:
                     self._drop_copy_cache(member)
 
     def _yield_to_hosts(self, seconds: float) -> None:
-        time.sleep(seconds)
+        with self._copy_wanted:  # stop() ends the pause at once
+            if not self._stopping:
+                self._copy_wanted.wait(seconds)
 
     def _drop_copy_cache(self, member: Member) -> None:
         """After a bulk copy, write the member back and drop its cached pages.

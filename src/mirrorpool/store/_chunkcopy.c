@@ -47,10 +47,10 @@ static int copy_span(int src, int dst, int64_t off, int64_t len, char *buf, stru
         size_t done = 0;
         while (done < want) {
             ssize_t n = pwrite(dst, buf + done, want - done, off + (int64_t)done);
-            if (n < 0) {
-                if (errno == EINTR)
+            if (n <= 0) {
+                if (n < 0 && errno == EINTR)
                     continue;
-                f->err = errno;
+                f->err = n < 0 ? errno : EIO; /* a write of nothing would loop forever */
                 f->side = "write";
                 f->offset = off + (int64_t)done;
                 return -1;
@@ -66,11 +66,15 @@ static int copy_span(int src, int dst, int64_t off, int64_t len, char *buf, stru
 static PyObject *copy_chunks(PyObject *self, PyObject *args)
 {
     int src, dst;
+    PyObject *array;
     Py_buffer chunks;
     long long chunk_size, limit;
-    if (!PyArg_ParseTuple(args, "iiy*LL", &src, &dst, &chunks, &chunk_size, &limit))
+    if (!PyArg_ParseTuple(args, "iiOLL", &src, &dst, &array, &chunk_size, &limit))
         return NULL;
-    if (chunks.itemsize != 4 || chunks.len % 4 || chunk_size <= 0 || limit < 0) {
+    if (PyObject_GetBuffer(array, &chunks, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if (chunks.itemsize != 4 || chunks.format == NULL || strcmp(chunks.format, "I") != 0
+            || chunk_size <= 0 || limit < 0) {
         PyBuffer_Release(&chunks);
         PyErr_SetString(PyExc_ValueError,
                         "copy_chunks wants ascending uint32 chunk numbers, a positive chunk"
@@ -91,7 +95,7 @@ static PyObject *copy_chunks(PyObject *self, PyObject *args)
     Py_ssize_t i = 0;
     while (i < count && rc == 0) {
         Py_ssize_t j = i + 1;  /* consecutive chunks make one run */
-        while (j < count && c[j] == c[j - 1] + 1)
+        while (j < count && (uint64_t)c[j] == (uint64_t)c[j - 1] + 1)
             j++;
         int64_t start = (int64_t)c[i] * chunk_size;
         int64_t end = ((int64_t)c[j - 1] + 1) * chunk_size;
