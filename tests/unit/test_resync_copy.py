@@ -236,3 +236,29 @@ def test_stop_ends_a_pause_at_once(tmp_path: Path) -> None:
         assert time.monotonic() - started < 5
     finally:
         device.close()
+
+
+def test_power_loss_mode_flushes_a_copy_before_clearing_its_bits(tmp_path: Path) -> None:
+    """With --journal-sync a pending file may never say copied what is not on disk."""
+    device = Device(str(tmp_path / "data"), journal_sync=True)
+    try:
+        volume = device.create_lu("lu", SIZE, pool=2).volume
+        wait_in_sync(volume)
+        events: list[str] = []
+        for member in volume.members:
+            store, bits = member.store, member.pending_file
+            assert bits is not None
+            real_flush, real_clear = store.flush, bits.clear
+            store.flush = lambda f=real_flush: (events.append("flush"), f())[1]  # type: ignore
+            bits.clear = lambda c, f=real_clear: (events.append("clear"), f(c))[1]  # type: ignore
+        make_stale(device, volume)
+        events.clear()
+        volume.pause_resync(False)
+        wait_in_sync(volume)
+        assert "clear" in events
+        for i, event in enumerate(events):
+            if event == "clear":
+                assert i > 0 and events[i - 1] == "flush", events
+    finally:
+        device.close()
+

@@ -311,6 +311,9 @@ class MirroredVolume:
         if epoch is None:
             epoch = member.epoch
         self._copy_data(member, chunks)
+        if self.journal is not None and self.journal.sync:
+            # power-loss safe mode: the copy is on disk before its bits may be cleared
+            member.store.flush()
         with self.seq.lock:
             if member.epoch != epoch:
                 return
