@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from pyroaring import BitMap
 
-from mirrorpool.mirror.changes import CHUNK
+from mirrorpool.mirror.changes import CHUNK, chunk_array
 
 MAGIC = b"MPJRNL02"
 HEADER = struct.Struct(">8sIIIIQ")  # magic, slots, region chunks, nregions, current, reserved
@@ -368,7 +368,7 @@ def bitmap_to_bits(chunks: BitMap, nbytes: int) -> bytes:
     """Chunk c as bit (c & 7) of byte c >> 3; vectorised, as splits do this under a lock."""
     bits = np.zeros(nbytes * 8, dtype=np.bool_)
     if chunks:
-        idx = np.frombuffer(chunks.to_array(), dtype=np.uint32)
+        idx = chunk_array(chunks)
         bits[idx[idx < nbytes * 8]] = True
     return np.packbits(bits, bitorder="little").tobytes()
 
@@ -429,7 +429,7 @@ class BitmapFile:
         if not chunks:
             return
         image = self._image if self._image is not None else self._read_image()
-        idx = np.frombuffer(chunks.to_array(), dtype=np.uint32)
+        idx = chunk_array(chunks)
         idx = idx[idx < self.nbytes * 8]
         if not len(idx):
             return

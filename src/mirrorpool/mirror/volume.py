@@ -41,8 +41,7 @@ from mirrorpool.store.file import copy_chunks
 
 log = logging.getLogger("mirrorpool.mirror")
 
-COPY_RUN = 256  # chunks per background copy step (1 MiB)
-COPY_RUNS = 256  # separate runs per step, when the chunks to copy are scattered
+COPY_RUN = 256  # chunks per background copy step (1 MiB), in as many runs as they make
 PARALLEL_WRITE = 256 * 1024  # from this size the backup is written beside the primary
 SPARSE_COPY = 256 * 1024  # copies from this size look for holes first
 # While hosts write, resync steps take at most this share of the resync thread's
@@ -51,6 +50,8 @@ RESYNC_SHARE = 0.5
 MIN_SHARE = 0.05
 MAX_PAUSE = 0.1  # seconds: one slow step must not hold a resync back for long
 _mirror_io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mirror-io")
+
+
 def member_differs(member: Member, changes: ChangeLog, primary: FileStore, size: int) -> BitMap:
     """Chunks where ``member`` may differ from the primary now."""
     nchunks = (size + CHUNK - 1) // CHUNK
@@ -532,14 +533,14 @@ class MirroredVolume:
 
     def wake_resync(self) -> None:
         with self._copy_wanted:
-            self._copy_wanted.notify()
+            self._copy_wanted.notify_all()  # the resync thread, and any pause in progress
 
-    def _next_copy(self) -> tuple[Member, list[tuple[int, int]]] | None:
-        """The next runs to copy, frozen generations first (they tax host writes).
+    def _next_copy(self) -> tuple[Member, BitMap, list[tuple[int, int]]] | None:
+        """The next chunks to copy and their runs, frozen generations first (they tax
+        host writes).
 
-        Up to COPY_RUNS runs of consecutive chunks, COPY_RUN chunks in all: scattered
-        chunks are copied many per step, yet each run is ordered on its own, so a
-        host write waits only if it overlaps one of them.
+        Up to COPY_RUN chunks: scattered chunks are copied many per step, yet each
+        run is ordered on its own, so a host write waits only if it overlaps one.
         """
         with self.seq.lock:  # held briefly: host writes are admitted under it
             if self.resync_paused:  # checked here too, so a pause holds from its return
@@ -550,8 +551,8 @@ class MirroredVolume:
                 return None
             chosen = member.pending[:COPY_RUN]
         firsts, counts = array_runs(chunk_array(chosen))
-        firsts, counts = firsts[:COPY_RUNS].tolist(), counts[:COPY_RUNS].tolist()
-        return member, [(f, f + n) for f, n in zip(firsts, counts, strict=True)]
+        return member, chosen, [(f, f + n) for f, n in zip(firsts.tolist(), counts.tolist(),
+                                                            strict=True)]
 
     def _resync_loop(self) -> None:
         while not self._stopping:
@@ -561,7 +562,7 @@ class MirroredVolume:
                     if not self._stopping:
                         self._copy_wanted.wait(1.0)
                 continue
-            member, runs = job
+            member, chosen, runs = job
             if not self._copy_started:
                 self._copy_started = time.monotonic()
             with self.seq.lock:
@@ -569,9 +570,6 @@ class MirroredVolume:
                 # wait behind this copy: the epoch taken at admission tells
                 epoch = member.epoch
                 op = self.seq.admit_parts([(f * CHUNK, s * CHUNK) for f, s in runs], "copy")
-            chosen = BitMap()
-            for first, stop in runs:
-                chosen.add_range(first, stop)
             seen = self.mutations
             copying = 0.0
             try:

@@ -72,8 +72,8 @@ def copy_chunks(src: BlockStore, dst: BlockStore, chunks: np.ndarray, chunk: int
                 limit: int) -> int:
     """Copy the numbered chunks from ``src`` to ``dst`` at the same offsets; bytes copied.
 
-    ``chunks`` ascend (a uint32 array); consecutive ones go as one run, and
-    nothing at or past ``limit`` is copied.  A source shorter than ``limit``
+    ``chunks`` ascend (a uint32 array); nothing at or past ``limit`` is copied,
+    and in C consecutive chunks go as one run.  A source shorter than ``limit``
     reads as zeros.  Between two files this runs in C without the interpreter
     lock (per 4 KiB chunk about 5 us against 12 in Python, and none of the
     lock hand-offs with the threads serving hosts); other stores, such as the
@@ -88,19 +88,13 @@ def copy_chunks(src: BlockStore, dst: BlockStore, chunks: np.ndarray, chunk: int
             raise StoreError.from_os_error(exc, f"copy ({side}) at {offset}") from exc
     buf = _copy_buffer()
     copied = 0
-    run_start = run_end = -1
-    for c in [*np.asarray(chunks, dtype=np.uint32).tolist(), -1]:  # -1 ends the last run
-        if c == run_end:
-            run_end += 1
-            continue
-        start, end = run_start * chunk, min(run_end * chunk, limit)
-        while 0 <= start < end:
-            piece = buf[: min(end - start, len(buf))]
+    for c in np.asarray(chunks, dtype=np.uint32).tolist():
+        start = c * chunk
+        piece = buf[: max(0, min(chunk, limit - start))]
+        if piece:
             src.read_into(piece, start)
             dst.write(piece, start)
-            start += len(piece)
             copied += len(piece)
-        run_start, run_end = c, c + 1
     return copied
 
 
