@@ -253,3 +253,35 @@ def test_power_loss_mode_flushes_a_copy_before_clearing_its_bits(tmp_path: Path)
     finally:
         device.close()
 
+
+
+def test_the_next_copy_does_not_wait_for_a_cache_drop(tmp_path: Path) -> None:
+    """Dropping a bulk-copied member's cache writes gigabytes back: a trigger must not wait."""
+    device = Device(str(tmp_path / "data"))
+    released = threading.Event()
+    try:
+        volume = device.create_lu("lu", SIZE, pool=2).volume
+        wait_in_sync(volume)
+        op = volume.begin(0, SIZE)
+        volume.write(op, bytes(range(256)) * (SIZE // 256), 0)
+        dropping = threading.Event()
+
+        def held_release() -> None:
+            dropping.set()
+            released.wait(30)
+
+        for member in volume.members:
+            member.store.release = held_release  # type: ignore[method-assign]
+        device.triggers.trigger(["lu"], "a")  # the other member copies the whole LU
+        wait_in_sync(volume)
+        assert dropping.wait(5), "a bulk copy should drop the member's cache"
+        for chunk in range(0, SIZE // CHUNK, 3):
+            op = volume.begin(chunk * CHUNK, CHUNK)
+            volume.write(op, b"\x09" * CHUNK, chunk * CHUNK)
+        device.triggers.trigger(["lu"], "b")
+        wait_in_sync(volume, timeout=5)  # while the drop is still held
+        assert not released.is_set()
+        assert store_bytes(volume.active.store) == store_bytes(volume.primary)  # type: ignore[union-attr]
+    finally:
+        released.set()
+        device.close()

@@ -41,6 +41,14 @@ class Member:
     # Copied in big runs since its cache was last dropped: its page cache holds
     # large folios, which make every later 4 KiB write into it several times dearer.
     bulk_copied: bool = False
+    # writes the member back and drops its cache after a bulk copy (see MirroredVolume)
+    dropper: threading.Thread | None = None
+
+    def join_dropper(self) -> None:
+        """Wait for a cache drop in progress: its store must not close under it."""
+        if self.dropper is not None:
+            self.dropper.join()
+            self.dropper = None
 
     def save_pending(self) -> None:
         if self.pending_file is not None:
