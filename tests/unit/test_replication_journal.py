@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import pytest
 
+from mirrorpool.nbd.codec import REQUEST_HEADER
+from mirrorpool.nbd.constants import REQUEST_MAGIC, Cmd, CmdFlag
 from mirrorpool.replication import journal as rj
 from mirrorpool.replication.journal import JournalFull, Kind, Record, ReplicationJournal
 from mirrorpool.replication.link import forwarded_payload, parse_forwarded
@@ -199,4 +202,43 @@ def test_a_trim_before_a_record_is_written_leaves_no_gap_on_file(tmp_path: Path)
     j.close()
     j = ReplicationJournal(str(tmp_path), 1 << 20)  # after a crash, from saved position 1
     assert [r.seq for r in j.every_record_after(1)] == [2, 3, 4, 5]
+    j.close()
+
+
+def test_segments_of_the_earlier_layout_are_still_read(tmp_path: Path) -> None:
+    """A device upgraded with records still to send sends them, then appends after them."""
+
+    def old_record(kind: int, seq: int, offset: int, length: int, payload: bytes) -> bytes:
+        head = rj._OLD_HEAD.pack(rj._OLD_MAGIC, kind, seq, offset, length, len(payload))
+        return head + payload + rj._CRC.pack(zlib.crc32(payload, zlib.crc32(head)))
+
+    old = [old_record(Kind.WRITE, 1, 4096, 5, b"hello"),
+           old_record(Kind.ZERO, 2, 8192, 4096, b""),
+           old_record(Kind.TRIGGER, 3, 0, 0, forwarded_payload("t", "x", 3, 1))]
+    (tmp_path / "00000000.seg").write_bytes(b"".join(old) + b"\0" * 100)
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    j.append(_write(4))
+    records = [r for r, _ in j.records_after(0)]
+    assert records == [Record(Kind.WRITE, 1, 4096, 5, b"hello"),
+                       Record(Kind.ZERO, 2, 8192, 4096, b""),
+                       Record(Kind.TRIGGER, 3, 0, 0, forwarded_payload("t", "x", 3, 1)),
+                       _write(4)]
+    wire = [entry.wire.tobytes() for entry, _ in j.entries_after(0)]
+    assert wire[1] == REQUEST_HEADER.pack(REQUEST_MAGIC, CmdFlag.NO_HOLE, Cmd.WRITE_ZEROES, 2,
+                                          8192, 4096)
+    j.close()
+
+
+def test_records_are_journalled_as_the_requests_the_link_sends(tmp_path: Path) -> None:
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    j.append(_write(1, 8))
+    j.append(Record(Kind.ZERO, 2, 0, 65536, b"\x01"))  # may be trimmed
+    j.append(Record(Kind.TRIM, 3, 4096, 4096))
+    j.close()
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    assert [e.wire.tobytes() for e, _ in j.entries_after(0)] == [
+        REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Cmd.WRITE, 1, 4096, 8) + bytes([1]) * 8,
+        REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Cmd.WRITE_ZEROES, 2, 0, 65536),
+        REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Cmd.TRIM, 3, 4096, 4096),
+    ]
     j.close()

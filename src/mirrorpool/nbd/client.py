@@ -41,6 +41,7 @@ from mirrorpool.nbd.constants import (
 from mirrorpool.nbd.tls import TlsSetupError, client_tls_context, client_tls_context_from_dir
 
 REPLY_TYPE_TRIGGER = 0x4D50
+RCVLOWAT_MAX = 32 << 10  # bytes a pipeline's wait for replies may ask the kernel to gather
 
 
 class NbdError(Exception):
@@ -99,6 +100,7 @@ class NbdClient:
             self.sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._reader = self.sock.makefile("rb", buffering=1 << 16)
+        self._tcp = self.sock.family in (socket.AF_INET, socket.AF_INET6)
         self.export = addr.export
         self.contexts: dict[int, str] = {}
         self._cookie = 0
@@ -245,6 +247,40 @@ class NbdClient:
                 chunks.append((typ, body))
             if flags & 1:
                 return cookie, error, message, chunks
+
+    def next_replies(self, outstanding: int = 1) -> list[tuple[int, int, str,
+                                                             list[tuple[int, bytes]]]]:
+        """Every whole simple reply already received, else the next reply of any kind.
+
+        For pipelines: one call takes what a burst of replies brought in, instead of
+        several reads per reply.  Each is (cookie, error, error message, other chunks).
+        With ``outstanding`` replies due, the wait lasts until nearly all of them are
+        here (every reply is at least SIMPLE_REPLY.size bytes), not one wake-up each.
+        """
+        lowat = min(SIMPLE_REPLY.size * (outstanding - 1) + 1, RCVLOWAT_MAX)
+        try:
+            if lowat > 1 and self._tcp:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+                try:
+                    data = self._reader.peek(SIMPLE_REPLY.size)
+                finally:
+                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            else:
+                data = self._reader.peek(SIMPLE_REPLY.size)  # waits for a first byte
+        except ssl.SSLError as exc:
+            raise NbdError(f"TLS: {exc}") from None
+        out: list[tuple[int, int, str, list[tuple[int, bytes]]]] = []
+        pos, end = 0, len(data) - SIMPLE_REPLY.size
+        while pos <= end:
+            magic, error, cookie = SIMPLE_REPLY.unpack_from(data, pos)
+            if magic != SIMPLE_REPLY_MAGIC:
+                break  # structured, or bad: next_reply tells which
+            out.append((cookie, error, "", []))
+            pos += SIMPLE_REPLY.size
+        if not out:
+            return [self.next_reply()]
+        self._reader.read(pos)  # what peek showed: no system call
+        return out
 
     def _replies(self, cookie: int, into: memoryview | None = None,
                  base: int = 0) -> list[tuple[int, bytes]]:

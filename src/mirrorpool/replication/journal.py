@@ -6,8 +6,11 @@ leave once the remote device has them on stable storage (``trim``).  The file
 is a run of segments; each record carries a CRC, so a record torn by a crash
 ends the journal instead of being sent.
 
-Layout of a record: header ``>4sBxxxQQQI`` (magic, kind, seq, offset, length,
-payload length), the payload, then a CRC-32 of both.
+Layout of a record: a prefix ``>4sBxxxII`` (magic, kind, length of what follows,
+CRC-32 of what follows), then the NBD request exactly as the link sends it: the
+request header, whose cookie is the sequence number, and the payload.  The
+sender passes records to the socket as they are, with no per-record encoding.
+Segments written by earlier versions (magic ``MPRJ``) are still read.
 """
 
 from __future__ import annotations
@@ -22,10 +25,20 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import BinaryIO, NamedTuple
 
-MAGIC = b"MPRJ"
-_HEAD = struct.Struct(">4sBxxxQQQI")
+from mirrorpool.nbd.codec import REQUEST_HEADER
+from mirrorpool.nbd.constants import REQUEST_MAGIC, Cmd, CmdFlag
+
+MAGIC = b"MPRW"
+_PREFIX = struct.Struct(">4sBxxxII")  # magic, kind, wire length, CRC-32 of the wire bytes
+_WIRE = REQUEST_HEADER  # magic, flags, type, cookie (the sequence number), offset, length
+_OLD_MAGIC = b"MPRJ"  # before the wire layout: header, payload, CRC of both
+_OLD_HEAD = struct.Struct(">4sBxxxQQQI")
 _CRC = struct.Struct(">I")
+_SEQ = struct.Struct(">Q")
+_SEQ_AT = 8  # where the cookie is in the request header
+JOURNALLED_WRITE_OVERHEAD = _PREFIX.size + _WIRE.size  # a WRITE's bytes on file past its data
 SEGMENT_BYTES = 64 << 20
 MEMORY_BYTES = 64 << 20  # newest records also kept in memory, for the sender
 MEMORY_BATCH = 256
@@ -44,33 +57,68 @@ class JournalFull(Exception):
     """The journal limit is reached: the remote copy falls back to changed-block tracking."""
 
 
+# The NBD command that carries each kind over the link (STOP is never sent).
+_COMMAND = {1: Cmd.WRITE, 2: Cmd.WRITE_ZEROES, 3: Cmd.TRIM, 4: Cmd.TRIGGER, 5: Cmd.FLUSH}
+
+
+def encode(kind: int, seq: int, offset: int, length: int,
+           payload: bytes | memoryview = b"") -> bytes:
+    """A record as on file; copies the payload once (its view may be reused)."""
+    if kind == Kind.ZERO:
+        # payload b"\x01": the range may be trimmed; else the zeros must stay allocated
+        head = _WIRE.pack(REQUEST_MAGIC, 0 if payload == b"\x01" else CmdFlag.NO_HOLE,
+                          Cmd.WRITE_ZEROES, seq, offset, length)
+        payload = b""
+    elif kind == Kind.TRIGGER:
+        head = _WIRE.pack(REQUEST_MAGIC, 0, Cmd.TRIGGER, seq, 0, len(payload))
+    else:
+        head = _WIRE.pack(REQUEST_MAGIC, 0, _COMMAND[kind], seq, offset, length)
+    crc = zlib.crc32(payload, zlib.crc32(head))
+    return b"".join((_PREFIX.pack(MAGIC, kind, len(head) + len(payload), crc), head, payload))
+
+
+class Entry(NamedTuple):
+    """A journalled record as the sender needs it."""
+
+    seq: int
+    kind: int
+    data: bytes | memoryview  # the whole record as on file: prefix, then the NBD request
+
+    @property
+    def wire(self) -> memoryview:
+        return memoryview(self.data)[_PREFIX.size :]
+
+
 @dataclass(frozen=True)
 class Record:
     kind: Kind
     seq: int
     offset: int
     length: int
-    # a WRITE's data may be a view (of the server's buffer, or of the encoded record)
     payload: bytes | memoryview = b""
 
     def encode(self) -> bytes:
-        """The record as on file; copies the payload once (its view may be reused)."""
-        head = _HEAD.pack(MAGIC, self.kind, self.seq, self.offset, self.length,
-                          len(self.payload))
-        crc = zlib.crc32(self.payload, zlib.crc32(head))
-        return b"".join((head, self.payload, _CRC.pack(crc)))
-
-    def kept(self, encoded: bytes) -> Record:
-        """The same record with its payload a view of ``encoded`` (no second copy)."""
-        if self.kind != Kind.WRITE:
-            return self if isinstance(self.payload, bytes) else \
-                Record(self.kind, self.seq, self.offset, self.length, bytes(self.payload))
-        view = memoryview(encoded)[_HEAD.size : _HEAD.size + len(self.payload)]
-        return Record(self.kind, self.seq, self.offset, self.length, view)
+        return encode(self.kind, self.seq, self.offset, self.length, self.payload)
 
     @property
     def size(self) -> int:
-        return _HEAD.size + len(self.payload) + _CRC.size
+        return _PREFIX.size + _WIRE.size + (len(self.payload) if self.kind in
+                                            (Kind.WRITE, Kind.TRIGGER) else 0)
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> Record:
+        """The record of an encoded one (its payload a view of ``data``)."""
+        view = memoryview(data)
+        kind = view[4]
+        _, flags, _, seq, offset, length = _WIRE.unpack_from(view, _PREFIX.size)
+        payload: bytes | memoryview = view[_PREFIX.size + _WIRE.size :]
+        if kind == Kind.ZERO:
+            payload = b"" if flags & CmdFlag.NO_HOLE else b"\x01"
+        elif kind != Kind.WRITE:
+            payload = bytes(payload)
+        if kind == Kind.TRIGGER:
+            length = 0  # on the wire, the payload's length
+        return cls(Kind(kind), seq, offset, length, payload)
 
 
 def _segment_name(index: int) -> str:
@@ -102,7 +150,7 @@ class ReplicationJournal:
         self.stopped = False  # the newest record on file is a STOP
         # The newest records are also kept in memory, so the sender need not read
         # them back: every record numbered above _disk_only_upto is in _mem.
-        self._mem: list[Record] = []
+        self._mem: list[Entry] = []
         self._mem_seqs: list[int] = []
         self._mem_start = 0
         self._mem_bytes = 0
@@ -119,9 +167,9 @@ class ReplicationJournal:
                          if n.endswith(".seg") and n[:-4].isdigit())
         for index in indexes:
             good, last = 0, 0
-            for record, end in self._scan(index):
-                good, last = end, record.seq
-                self.stopped = record.kind == Kind.STOP
+            for entry, end in self._scan(index):
+                good, last = end, entry.seq
+                self.stopped = entry.kind == Kind.STOP
             if os.path.getsize(self._path(index)) != good:
                 os.truncate(self._path(index), good)  # a torn tail: never sent
             self._segments[index] = (good, last)
@@ -148,7 +196,7 @@ class ReplicationJournal:
         with contextlib.suppress(OSError):  # a file system without it: plain writes
             os.posix_fallocate(self._fd, 0, SEGMENT_BYTES)
 
-    def _scan(self, index: int, start: int = 0) -> Iterator[tuple[Record, int]]:
+    def _scan(self, index: int, start: int = 0) -> Iterator[tuple[Entry, int]]:
         """Records of one segment from byte ``start``, each with the offset after it."""
         try:
             f = open(self._path(index), "rb")  # noqa: SIM115 - closed below
@@ -158,20 +206,43 @@ class ReplicationJournal:
             f.seek(start)
             pos = start
             while True:
-                head = f.read(_HEAD.size)
-                if len(head) < _HEAD.size:
+                prefix = f.read(_PREFIX.size)
+                if len(prefix) < _PREFIX.size:
                     return
-                magic, kind, seq, offset, length, plen = _HEAD.unpack(head)
-                if magic != MAGIC or kind not in Kind._value2member_map_:
-                    return
-                payload = f.read(plen)
-                crc = f.read(_CRC.size)
-                if len(payload) < plen or len(crc) < _CRC.size:
-                    return
-                if _CRC.unpack(crc)[0] != zlib.crc32(head + payload):
-                    return
-                pos += _HEAD.size + plen + _CRC.size
-                yield Record(Kind(kind), seq, offset, length, payload), pos
+                if prefix[:4] == _OLD_MAGIC:
+                    got = self._read_old(f, prefix)
+                    if got is None:
+                        return
+                    entry, size = got
+                else:
+                    magic, kind, wire_len, crc = _PREFIX.unpack(prefix)
+                    if magic != MAGIC or kind not in Kind._value2member_map_ \
+                            or wire_len < _WIRE.size:
+                        return
+                    wire = f.read(wire_len)
+                    if len(wire) < wire_len or zlib.crc32(wire) != crc:
+                        return
+                    (seq,) = _SEQ.unpack_from(wire, _SEQ_AT)
+                    entry, size = Entry(seq, kind, prefix + wire), _PREFIX.size + wire_len
+                pos += size
+                yield entry, pos
+
+    @staticmethod
+    def _read_old(f: BinaryIO, prefix: bytes) -> tuple[Entry, int] | None:
+        """A record of the earlier layout, re-encoded; None if torn or corrupt."""
+        head = prefix + f.read(_OLD_HEAD.size - len(prefix))
+        if len(head) < _OLD_HEAD.size:
+            return None
+        _, kind, seq, offset, length, plen = _OLD_HEAD.unpack(head)
+        if kind not in Kind._value2member_map_:
+            return None
+        payload = f.read(plen)
+        crc = f.read(_CRC.size)
+        if len(payload) < plen or len(crc) < _CRC.size \
+                or _CRC.unpack(crc)[0] != zlib.crc32(payload, zlib.crc32(head)):
+            return None
+        data = encode(kind, seq, offset, length, payload)
+        return Entry(seq, kind, data), _OLD_HEAD.size + plen + _CRC.size
 
     # ------------------------------------------------------------ writing
 
@@ -180,37 +251,47 @@ class ReplicationJournal:
         return self._used
 
     def append(self, record: Record) -> None:
-        """Append in sequence order (the caller holds the sequencer lock).
+        self.append_encoded(record.seq, record.kind, record.encode())
+
+    def append_encoded(self, seq: int, kind: int, data: bytes) -> None:
+        """Append a record made by ``encode``, in sequence order (the caller holds the
+        sequencer lock).
 
         A STOP record is taken even over the limit: after a crash it tells that
         what followed was not journalled.
         """
-        data = record.encode()
+        size = len(data)
         with self._lock:
-            if self._used + len(data) > self.limit and record.kind != Kind.STOP:
+            if self._used + size > self.limit and kind != Kind.STOP:
                 raise JournalFull(f"replication journal full ({self._used} of {self.limit} "
                                   "bytes)")
-            size, _ = self._segments[self._current]
-            if size and size + len(data) > SEGMENT_BYTES:
-                self._current += 1
-                size = 0
-            self._pending.append((self._current, data, record.seq))
-            self._segments[self._current] = (size + len(data), record.seq)
-            self._used += len(data)
-            self.last_seq = record.seq
-            self.stopped = record.kind == Kind.STOP
-            self._mem.append(record.kept(data))
-            self._mem_seqs.append(record.seq)
-            self._mem_bytes += len(data)
-            while self._mem_bytes > MEMORY_BYTES and self._mem_start < len(self._mem):
-                dropped = self._mem[self._mem_start]
-                self._mem_start += 1
-                self._mem_bytes -= dropped.size
-                self._disk_only_upto = dropped.seq
-            self._compact_mem()
+            current = self._current
+            used, _ = self._segments[current]
+            if used and used + size > SEGMENT_BYTES:
+                current = self._current = current + 1
+                used = 0
+            self._pending.append((current, data, seq))
+            self._segments[current] = (used + size, seq)
+            self._used += size
+            self.last_seq = seq
+            self.stopped = kind == Kind.STOP
+            self._mem.append(Entry(seq, kind, data))
+            self._mem_seqs.append(seq)
+            self._mem_bytes += size
+            if self._mem_bytes > MEMORY_BYTES:
+                self._shed_mem()
             self._appended.notify_all()
-        if record.kind == Kind.STOP:
+        if kind == Kind.STOP:
             self.persist()  # start-up after a crash must see it
+
+    def _shed_mem(self) -> None:
+        """Keep MEMORY_BYTES of the newest records in memory (lock held)."""
+        while self._mem_bytes > MEMORY_BYTES and self._mem_start < len(self._mem):
+            dropped = self._mem[self._mem_start]
+            self._mem_start += 1
+            self._mem_bytes -= len(dropped.data)
+            self._disk_only_upto = dropped.seq
+        self._compact_mem()
 
     def persist(self, upto_seq: int | None = None) -> None:
         """Write the queued records to the file, in order (before a host is answered)."""
@@ -272,15 +353,15 @@ class ReplicationJournal:
     def _forget_mem(self, upto_seq: int) -> None:
         """Records up to ``upto_seq`` will not be read again (lock held)."""
         i = bisect.bisect_right(self._mem_seqs, upto_seq, self._mem_start)
-        for record in self._mem[self._mem_start : i]:
-            self._mem_bytes -= record.size
+        for entry in self._mem[self._mem_start : i]:
+            self._mem_bytes -= len(entry.data)
         self._mem_start = i
         self._disk_only_upto = max(self._disk_only_upto, upto_seq)
         self._compact_mem()
 
-    def records_after(
+    def entries_after(
         self, seq: int, cursor: tuple[int, int] | None = None,
-    ) -> Iterator[tuple[Record, tuple[int, int] | None]]:
+    ) -> Iterator[tuple[Entry, tuple[int, int] | None]]:
         """Records numbered above ``seq`` in order, each with the cursor just past it.
 
         A cursor from an earlier call resumes there instead of scanning from the start.
@@ -293,8 +374,8 @@ class ReplicationJournal:
             else:
                 batch = None
         if batch is not None:
-            for record in batch:
-                yield record, None
+            for entry in batch:
+                yield entry, None
             return
         self.persist()  # the files must hold what memory no longer does
         with self._lock:
@@ -307,9 +388,16 @@ class ReplicationJournal:
                     continue
                 if index == cursor[0]:
                     start = cursor[1]
-            for record, end in self._scan(index, start):
-                if record.seq > seq:
-                    yield record, (index, end)
+            for entry, end in self._scan(index, start):
+                if entry.seq > seq:
+                    yield entry, (index, end)
+
+    def records_after(
+        self, seq: int, cursor: tuple[int, int] | None = None,
+    ) -> Iterator[tuple[Record, tuple[int, int] | None]]:
+        """As ``entries_after``, decoded."""
+        for entry, after in self.entries_after(seq, cursor):
+            yield Record.decode(entry.data), after
 
     def every_record_after(self, seq: int) -> Iterator[Record]:
         """Every record numbered above ``seq``, however many batches that takes."""

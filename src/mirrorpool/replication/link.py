@@ -38,9 +38,18 @@ from pyroaring import BitMap
 from mirrorpool.mirror.changes import CHUNK, chunk_runs, chunk_span
 from mirrorpool.mirror.volume import MirroredVolume
 from mirrorpool.nbd.client import REPLY_TYPE_TRIGGER, NbdClient, NbdError
-from mirrorpool.nbd.constants import TRIGGER_CONTEXT, Cmd, CmdFlag, Rep
+from mirrorpool.nbd.codec import REQUEST_HEADER_SIZE
+from mirrorpool.nbd.constants import TRIGGER_CONTEXT, Cmd, Rep
 from mirrorpool.replication.checksums import differing, digests_of
-from mirrorpool.replication.journal import JournalFull, Kind, Record, ReplicationJournal
+from mirrorpool.replication.journal import (
+    JOURNALLED_WRITE_OVERHEAD,
+    Entry,
+    JournalFull,
+    Kind,
+    Record,
+    ReplicationJournal,
+    encode,
+)
 
 log = logging.getLogger("mirrorpool.replication")
 
@@ -120,6 +129,11 @@ def parse_forwarded(payload: bytes) -> dict | None:
     return doc if isinstance(doc, dict) and isinstance(doc.get("trigger_id"), str) else None
 
 
+def _written(entry: Entry) -> int:
+    """Bytes of data a journalled record carries (a WRITE's payload)."""
+    return len(entry.data) - JOURNALLED_WRITE_OVERHEAD if entry.kind == Kind.WRITE else 0
+
+
 class Replicator:
     def __init__(self, config: RemoteConfig, volume: MirroredVolume, journal: ReplicationJournal,
                  save: Callable[[Replicator], None],
@@ -189,12 +203,14 @@ class Replicator:
                     payload: bytes | memoryview = b"") -> None:
         if self.state == CONSISTENT:
             try:
-                # the payload is the server's buffer: append copies it, once
-                self.journal.append(Record(kind, seq, offset, length, payload))
+                # the payload is the server's buffer: encode copies it, once
+                self.journal.append_encoded(seq, kind, encode(kind, seq, offset, length,
+                                                              payload))
                 now = time.monotonic()
                 if not self._stamps or now - self._stamps[-1][1] > STAMP_EVERY:
                     self._stamps.append((seq, now))
-                self._wake.set()
+                if not self._wake.is_set():  # set: the sender has not looked since
+                    self._wake.set()
                 return
             except JournalFull as exc:
                 log.warning("replication falls back to changed-block tracking",
@@ -449,15 +465,15 @@ class Replicator:
                 cursor = None
                 trimmed = self.acked_seq
                 continue
-            batch: list[Record] = []
+            batch: list[Entry] = []
             size = 0
-            for record, after in self.journal.records_after(self.replied_seq, cursor):
-                if record.kind == Kind.STOP:
+            for entry, after in self.journal.entries_after(self.replied_seq, cursor):
+                if entry.kind == Kind.STOP:
                     break  # journaling ended here: the refresh takes over, nothing is sent
-                batch.append(record)
+                batch.append(entry)
                 if after is not None:  # records read from the files
                     cursor = after
-                size += record.size
+                size += len(entry.data)
                 if len(batch) == WINDOW or size >= WINDOW_BYTES:
                     break
             if batch:
@@ -478,65 +494,56 @@ class Replicator:
                 self._wake.wait(FLUSH_EVERY)
                 self._wake.clear()
 
-    def _send_window(self, client: NbdClient, batch: list[Record]) -> None:
+    def _send_window(self, client: NbdClient, batch: list[Entry]) -> None:
         """Send records back to back, then take their replies (in any order).
 
         The remote device numbers requests as they arrive, so the order on the
         wire is the order it applies them in; waiting for each reply before the
-        next request would cost a round trip per record.
+        next request would cost a round trip per record.  Each record is sent as
+        journalled: its cookie is its sequence number.
         """
-        buffers: list[bytes | memoryview] = []
-        cookies: dict[int, Record] = {}
-        for record in batch:
-            if record.kind == Kind.WRITE:
-                cookie, bufs = client.encode_request(Cmd.WRITE, record.offset, record.length,
-                                                     0, record.payload)
-            elif record.kind == Kind.ZERO:
-                flags = 0 if record.payload == b"\x01" else CmdFlag.NO_HOLE
-                cookie, bufs = client.encode_request(Cmd.WRITE_ZEROES, record.offset,
-                                                     record.length, flags)
-            elif record.kind == Kind.TRIM:
-                cookie, bufs = client.encode_request(Cmd.TRIM, record.offset, record.length)
-            elif record.kind == Kind.TRIGGER:
-                doc = parse_forwarded(bytes(record.payload)) or {}
+        index = {entry.seq: i for i, entry in enumerate(batch)}
+        if len(index) != len(batch):
+            raise NbdError("journal records with the same sequence number")
+        for entry in batch:
+            if entry.kind == Kind.TRIGGER:
+                doc = parse_forwarded(bytes(entry.wire[REQUEST_HEADER_SIZE:])) or {}
                 self.last_remote_trigger = {"trigger_id": doc.get("trigger_id"),
-                                            "seq": record.seq, "gen": doc.get("origin_gen"),
+                                            "seq": entry.seq, "gen": doc.get("origin_gen"),
                                             "at": time.time()}
-                cookie, bufs = client.encode_request(Cmd.TRIGGER, 0, len(record.payload), 0,
-                                                     record.payload)
-            else:
-                raise NbdError(f"journal record of kind {record.kind} is not sent")
-            cookies[cookie] = record
-            buffers += bufs
-        client.send_buffers(buffers)
-        done: set[int] = set()
-        order = list(cookies)
-        next_index = 0
-        while next_index < len(order):
-            cookie, error, message, chunks = client.next_reply()
-            record = cookies.get(cookie)
-            if record is None:
-                raise NbdError("reply to a request never sent")
-            if record.kind == Kind.TRIGGER:
-                self._trigger_answered(error, message, chunks)
-            elif error:
-                raise RemoteWriteFailed(f"remote device failed a write: {message or error}",
-                                        error)
-            if record.kind == Kind.WRITE:
-                self.sent_bytes += record.length
-            done.add(cookie)
-            last = None
-            while next_index < len(order) and order[next_index] in done:
-                last = cookies[order[next_index]].seq
+        client.send_buffers([entry.wire for entry in batch])
+        done = bytearray(len(batch))
+        received = next_index = 0
+        while next_index < len(batch):
+            # async mode waits for the window's replies together; sync mode lets each
+            # write go as soon as its own is in
+            due = len(batch) - received if self.config.mode != "sync" else 1
+            for cookie, error, message, chunks in client.next_replies(due):
+                received += 1
+                i = index.get(cookie, -1)
+                if i < 0 or done[i]:
+                    raise NbdError("reply to a request never sent")
+                kind = batch[i].kind
+                if kind == Kind.TRIGGER:
+                    self._trigger_answered(error, message, chunks)
+                elif error:
+                    raise RemoteWriteFailed(f"remote device failed a write: {message or error}",
+                                            error)
+                done[i] = 1
+            first = next_index
+            while next_index < len(batch) and done[next_index]:
                 next_index += 1
-            if last is not None:
-                self.down_since = None  # up is when the remote device answers
-                self._writes_failing = False
-                with self._replied:
-                    self.replied_seq = last
-                    self._replied.notify_all()
-                while self._stamps and self._stamps[0][0] <= last:
-                    self._stamps.popleft()
+            if next_index == first:
+                continue
+            self.sent_bytes += sum(_written(entry) for entry in batch[first:next_index])
+            last = batch[next_index - 1].seq
+            self.down_since = None  # up is when the remote device answers
+            self._writes_failing = False
+            with self._replied:
+                self.replied_seq = last
+                self._replied.notify_all()
+            while self._stamps and self._stamps[0][0] <= last:
+                self._stamps.popleft()
 
     def _trigger_answered(self, error: int, message: str,
                           chunks: list[tuple[int, bytes]]) -> None:
