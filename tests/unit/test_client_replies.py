@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from mirrorpool.nbd.client import NbdClient
 from mirrorpool.nbd.codec import encode_chunk_header, encode_simple_reply
+from tests.helpers.tls import make_certificates
 
 MAGIC_PAYLOAD = b'{"generations": []}'
 
@@ -25,6 +28,7 @@ def pair() -> Iterator[tuple[NbdClient, socket.socket]]:
     client.sock = sock
     client._reader = sock.makefile("rb", buffering=1 << 16)
     client._tcp = True
+    client.tls_active = False
     yield client, server
     client._reader.close()
     sock.close()
@@ -64,12 +68,60 @@ def test_the_wait_for_a_window_ends_when_its_replies_are_in(
 
     thread = threading.Thread(target=trickle)
     thread.start()
-    cookies: list[int] = []
     started = time.monotonic()
-    while len(cookies) < 8:
-        cookies += [c for c, _, _, _ in client.next_replies(8 - len(cookies))]
+    first = client.next_replies(8)
     thread.join()
-    assert cookies == list(range(1, 9))
+    # one wake-up for the window: the kernel gathered the pieces before answering
+    assert [c for c, _, _, _ in first] == list(range(1, 9))
     assert time.monotonic() - started < 5
     # the low-water mark is back to one byte for every other read
     assert client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+
+
+def test_a_tls_record_cut_in_two_does_not_stall_the_wait(tmp_path: Path) -> None:
+    """Part of a record already inside the TLS library is not in the kernel's count."""
+    certs = make_certificates(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(certs.file("server-cert.pem"), certs.file("server-key.pem"))
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.load_verify_locations(certs.file("ca-cert.pem"))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = server_ctx.wrap_bio(incoming, outgoing, server_side=True)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        raw = socket.create_connection(listener.getsockname(), timeout=3)
+        server, _ = listener.accept()
+
+    def handshake() -> None:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                server.sendall(outgoing.read())
+                incoming.write(server.recv(65536))
+        server.sendall(outgoing.read())
+
+    thread = threading.Thread(target=handshake)
+    thread.start()
+    sock = client_ctx.wrap_socket(raw, server_hostname="localhost")
+    thread.join()
+    client = NbdClient.__new__(NbdClient)
+    client.sock = sock
+    client._reader = sock.makefile("rb", buffering=1 << 16)
+    client._tcp = True
+    client.tls_active = True
+    try:
+        outgoing.read()  # session tickets
+        tls.write(b"".join(encode_simple_reply(c) for c in range(1, 65)))  # one record
+        record = outgoing.read()
+        server.sendall(record[:800])
+        time.sleep(0.1)
+        threading.Timer(0.2, lambda: server.sendall(record[800:])).start()
+        cookies: list[int] = []
+        while len(cookies) < 64:  # a 3 s socket timeout would end a stalled wait
+            cookies += [c for c, _, _, _ in client.next_replies(64 - len(cookies))]
+        assert cookies == list(range(1, 65))
+    finally:
+        client._reader.close()
+        sock.close()
+        server.close()

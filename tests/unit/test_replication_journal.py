@@ -242,3 +242,21 @@ def test_records_are_journalled_as_the_requests_the_link_sends(tmp_path: Path) -
         REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Cmd.TRIM, 3, 4096, 4096),
     ]
     j.close()
+
+
+@pytest.mark.parametrize("where", [4, 11], ids=["kind", "length"])
+def test_a_corrupt_prefix_ends_the_journal(tmp_path: Path, where: int) -> None:
+    """The CRC covers the record's kind and length too: a STOP cannot appear from a WRITE."""
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    for seq in range(1, 4):
+        j.append(_write(seq))
+    j.close()
+    (segment,) = [p for p in tmp_path.iterdir() if p.suffix == ".seg"]
+    size = _write(1).size
+    with open(segment, "r+b") as f:
+        f.seek(size + where)
+        f.write(bytes([Kind.STOP]) if where == 4 else b"\x50")
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    assert [r.seq for r, _ in j.records_after(0)] == [1]
+    assert not j.stopped
+    j.close()

@@ -285,3 +285,27 @@ def test_the_next_copy_does_not_wait_for_a_cache_drop(tmp_path: Path) -> None:
     finally:
         released.set()
         device.close()
+
+
+def test_a_failed_write_back_fails_the_member(tmp_path: Path) -> None:
+    """The member's pending bits are cleared: data lost in the write-back must not pass."""
+    device = Device(str(tmp_path / "data"))
+    try:
+        volume = device.create_lu("lu", SIZE, pool=2).volume
+        wait_in_sync(volume)
+        op = volume.begin(0, SIZE)
+        volume.write(op, bytes(range(256)) * (SIZE // 256), 0)
+
+        def failing_release() -> None:
+            raise StoreError(5, "write-back: injected error")
+
+        for member in volume.members:
+            member.store.release = failing_release  # type: ignore[method-assign]
+        copying = next(m for m in volume.members if m is not volume.active)
+        device.triggers.trigger(["lu"], "a")  # ``copying`` copies the whole LU, then drops
+        deadline = time.monotonic() + 10
+        while copying.state.value != "failed":
+            assert time.monotonic() < deadline, "the member should fail"
+            time.sleep(0.01)
+    finally:
+        device.close()

@@ -44,12 +44,6 @@ class Member:
     # writes the member back and drops its cache after a bulk copy (see MirroredVolume)
     dropper: threading.Thread | None = None
 
-    def join_dropper(self) -> None:
-        """Wait for a cache drop in progress: its store must not close under it."""
-        if self.dropper is not None:
-            self.dropper.join()
-            self.dropper = None
-
     def save_pending(self) -> None:
         if self.pending_file is not None:
             self.pending_file.save(self.pending)

@@ -124,6 +124,8 @@ class MirroredVolume:
             m for m in members if m.state is MemberState.GENERATION and m.pending
         ]
         self._copy_wanted = threading.Condition()
+        self._drop_lock = threading.Lock()  # cache-drop threads start and end under it
+        self._closed = False
         self._stopping = False
         # Operators may hold resync back (e.g. at peak load); exactness does not depend on it.
         self.resync_paused = False
@@ -467,7 +469,7 @@ class MirroredVolume:
             if not op.finished:
                 op.event.wait()  # type: ignore[union-attr]
         for member in members:
-            member.join_dropper()
+            self._join_dropper(member)
             member.store.close()
             if member.pending_file is not None:
                 member.pending_file.close()
@@ -612,17 +614,28 @@ class MirroredVolume:
         them a tenth of a second, in which the next trigger's copy must not wait.
         """
         member.bulk_copied = False
-        member.join_dropper()  # an earlier drop of the same member (rare)
-        member.dropper = threading.Thread(target=self._release, args=(member,),
-                                          name=f"drop-cache-{self.name}", daemon=True)
-        member.dropper.start()
+        with self._drop_lock:  # no dropper starts on a member leaving, or closed
+            if self._stopping or self._closed or member not in self.members:
+                return
+            if member.dropper is not None and member.dropper.is_alive():
+                return  # still writing back the copy before: the resync does not wait
+            member.dropper = threading.Thread(target=self._release, args=(member,),
+                                              name=f"drop-cache-{self.name}", daemon=True)
+            member.dropper.start()
+
+    def _join_dropper(self, member: Member) -> None:
+        """Wait for a cache drop in progress: its store must not close under it."""
+        with self._drop_lock:
+            if member.dropper is not None:
+                member.dropper.join()
+                member.dropper = None
 
     def _release(self, member: Member) -> None:
         try:
             member.store.release()
         except StoreError as exc:
-            log.warning("could not drop a backup's page cache", extra={
-                "lu": self.name, "member": member.idx, "error": str(exc)})
+            # the write-back failed: what the member was said to hold may be lost
+            self._member_failed(member, exc)
 
     def resync_progress(self, member: Member) -> dict:
         total = max(member.copy_total, len(member.pending))
@@ -654,8 +667,10 @@ class MirroredVolume:
                 self.journal = journal
 
     def close(self) -> None:
+        with self._drop_lock:
+            self._closed = True
         for member in self.members:
-            member.join_dropper()
+            self._join_dropper(member)
             member.store.close()
             if member.pending_file is not None:
                 member.pending_file.close()

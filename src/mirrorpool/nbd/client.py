@@ -41,7 +41,9 @@ from mirrorpool.nbd.constants import (
 from mirrorpool.nbd.tls import TlsSetupError, client_tls_context, client_tls_context_from_dir
 
 REPLY_TYPE_TRIGGER = 0x4D50
-RCVLOWAT_MAX = 32 << 10  # bytes a pipeline's wait for replies may ask the kernel to gather
+# A pipeline's wait gathers at most this many replies: the link timeout then covers
+# the progress of a few requests, not of a whole window.
+RCVLOWAT_REPLIES = 32
 
 
 class NbdError(Exception):
@@ -254,12 +256,15 @@ class NbdClient:
 
         For pipelines: one call takes what a burst of replies brought in, instead of
         several reads per reply.  Each is (cookie, error, error message, other chunks).
-        With ``outstanding`` replies due, the wait lasts until nearly all of them are
-        here (every reply is at least SIMPLE_REPLY.size bytes), not one wake-up each.
+        With ``outstanding`` replies due on plain TCP, the wait lasts until nearly all of
+        them (up to RCVLOWAT_REPLIES) are here, not one wake-up each: every reply is
+        at least SIMPLE_REPLY.size bytes, so the kernel never waits for more than is due.
         """
-        lowat = min(SIMPLE_REPLY.size * (outstanding - 1) + 1, RCVLOWAT_MAX)
+        lowat = SIMPLE_REPLY.size * (min(outstanding, RCVLOWAT_REPLIES) - 1) + 1
         try:
-            if lowat > 1 and self._tcp:
+            # Not over TLS: part of a record may already sit in the TLS library,
+            # and the kernel would then wait for bytes that never come.
+            if lowat > 1 and self._tcp and not self.tls_active:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
                 try:
                     data = self._reader.peek(SIMPLE_REPLY.size)

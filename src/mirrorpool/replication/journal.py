@@ -7,7 +7,8 @@ is a run of segments; each record carries a CRC, so a record torn by a crash
 ends the journal instead of being sent.
 
 Layout of a record: a prefix ``>4sBxxxII`` (magic, kind, length of what follows,
-CRC-32 of what follows), then the NBD request exactly as the link sends it: the
+CRC-32 of the prefix's first 12 bytes and of what follows), then the NBD request
+exactly as the link sends it: the
 request header, whose cookie is the sequence number, and the payload.  The
 sender passes records to the socket as they are, with no per-record encoding.
 Segments written by earlier versions (magic ``MPRJ``) are still read.
@@ -31,13 +32,12 @@ from mirrorpool.nbd.codec import REQUEST_HEADER
 from mirrorpool.nbd.constants import REQUEST_MAGIC, Cmd, CmdFlag
 
 MAGIC = b"MPRW"
-_PREFIX = struct.Struct(">4sBxxxII")  # magic, kind, wire length, CRC-32 of the wire bytes
+_LEAD = struct.Struct(">4sBxxxI")  # magic, kind, wire length
+_PREFIX = struct.Struct(">4sBxxxII")  # the same, then a CRC-32 of them and of the wire bytes
 _WIRE = REQUEST_HEADER  # magic, flags, type, cookie (the sequence number), offset, length
 _OLD_MAGIC = b"MPRJ"  # before the wire layout: header, payload, CRC of both
 _OLD_HEAD = struct.Struct(">4sBxxxQQQI")
 _CRC = struct.Struct(">I")
-_SEQ = struct.Struct(">Q")
-_SEQ_AT = 8  # where the cookie is in the request header
 JOURNALLED_WRITE_OVERHEAD = _PREFIX.size + _WIRE.size  # a WRITE's bytes on file past its data
 SEGMENT_BYTES = 64 << 20
 MEMORY_BYTES = 64 << 20  # newest records also kept in memory, for the sender
@@ -73,8 +73,9 @@ def encode(kind: int, seq: int, offset: int, length: int,
         head = _WIRE.pack(REQUEST_MAGIC, 0, Cmd.TRIGGER, seq, 0, len(payload))
     else:
         head = _WIRE.pack(REQUEST_MAGIC, 0, _COMMAND[kind], seq, offset, length)
-    crc = zlib.crc32(payload, zlib.crc32(head))
-    return b"".join((_PREFIX.pack(MAGIC, kind, len(head) + len(payload), crc), head, payload))
+    lead = _LEAD.pack(MAGIC, kind, len(head) + len(payload))
+    crc = zlib.crc32(payload, zlib.crc32(head, zlib.crc32(lead)))
+    return b"".join((lead, _CRC.pack(crc), head, payload))
 
 
 class Entry(NamedTuple):
@@ -82,7 +83,7 @@ class Entry(NamedTuple):
 
     seq: int
     kind: int
-    data: bytes | memoryview  # the whole record as on file: prefix, then the NBD request
+    data: bytes | bytearray | memoryview  # the record as on file: prefix, NBD request
 
     @property
     def wire(self) -> memoryview:
@@ -216,14 +217,19 @@ class ReplicationJournal:
                     entry, size = got
                 else:
                     magic, kind, wire_len, crc = _PREFIX.unpack(prefix)
-                    if magic != MAGIC or kind not in Kind._value2member_map_ \
-                            or wire_len < _WIRE.size:
+                    if magic != MAGIC or kind not in _COMMAND \
+                            or not _WIRE.size <= wire_len <= SEGMENT_BYTES:
                         return
-                    wire = f.read(wire_len)
-                    if len(wire) < wire_len or zlib.crc32(wire) != crc:
+                    data = bytearray(_PREFIX.size + wire_len)
+                    data[: _PREFIX.size] = prefix
+                    wire = memoryview(data)[_PREFIX.size :]
+                    if f.readinto(wire) < wire_len or crc != zlib.crc32(
+                            wire, zlib.crc32(prefix[: _LEAD.size])):
                         return
-                    (seq,) = _SEQ.unpack_from(wire, _SEQ_AT)
-                    entry, size = Entry(seq, kind, prefix + wire), _PREFIX.size + wire_len
+                    _, _, command, seq, _, _ = _WIRE.unpack_from(wire)
+                    if command != _COMMAND[kind]:
+                        return
+                    entry, size = Entry(seq, kind, data), _PREFIX.size + wire_len
                 pos += size
                 yield entry, pos
 

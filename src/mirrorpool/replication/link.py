@@ -518,6 +518,7 @@ class Replicator:
             # async mode waits for the window's replies together; sync mode lets each
             # write go as soon as its own is in
             due = len(batch) - received if self.config.mode != "sync" else 1
+            failed: RemoteWriteFailed | None = None
             for cookie, error, message, chunks in client.next_replies(due):
                 received += 1
                 i = index.get(cookie, -1)
@@ -527,23 +528,29 @@ class Replicator:
                 if kind == Kind.TRIGGER:
                     self._trigger_answered(error, message, chunks)
                 elif error:
-                    raise RemoteWriteFailed(f"remote device failed a write: {message or error}",
-                                            error)
+                    failed = failed or RemoteWriteFailed(
+                        f"remote device failed a write: {message or error}", error)
+                    continue  # not done: the records before it still count as answered
                 done[i] = 1
             first = next_index
             while next_index < len(batch) and done[next_index]:
                 next_index += 1
-            if next_index == first:
-                continue
-            self.sent_bytes += sum(_written(entry) for entry in batch[first:next_index])
-            last = batch[next_index - 1].seq
-            self.down_since = None  # up is when the remote device answers
-            self._writes_failing = False
-            with self._replied:
-                self.replied_seq = last
-                self._replied.notify_all()
-            while self._stamps and self._stamps[0][0] <= last:
-                self._stamps.popleft()
+            if next_index > first:
+                self._answered(batch[first:next_index])
+            if failed is not None:
+                raise failed
+
+    def _answered(self, entries: list[Entry]) -> None:
+        """The remote device answered these records, the next in sequence order."""
+        self.sent_bytes += sum(_written(entry) for entry in entries)
+        last = entries[-1].seq
+        self.down_since = None  # up is when the remote device answers
+        self._writes_failing = False
+        with self._replied:
+            self.replied_seq = last
+            self._replied.notify_all()
+        while self._stamps and self._stamps[0][0] <= last:
+            self._stamps.popleft()
 
     def _trigger_answered(self, error: int, message: str,
                           chunks: list[tuple[int, bytes]]) -> None:
