@@ -25,6 +25,7 @@ all triggers of a run; medians over the repeats.  Targets: p99.9 ratio ≤ 1.1
 from __future__ import annotations
 
 import argparse
+import bisect
 import shlex
 import shutil
 import signal
@@ -60,6 +61,8 @@ from mirrorpool.nbd.constants import TRIGGER_CONTEXT
 
 MODES = ("no-triggers", "triggers", "triggers-other-lu", "idle-triggers")
 OTHER_LU = "idle"  # a second LU of the same device that nothing writes to
+NO_SUCH_LU = "no-such-lu"  # --mechanism api-noop names it
+TIMELINE_BIN_MS = 5
 RATIO_AIM, RATIO_LIMIT = 1.1, 1.5
 SPLIT_AIM_MS, SPLIT_LIMIT_MS = 1.0, 5.0
 
@@ -72,10 +75,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="repeats; medians are reported")
     p.add_argument("--pool", type=int, default=3, help="pool size (default 3)")
     p.add_argument("--interval", type=float, default=0.1, help="seconds between triggers")
-    p.add_argument("--mechanism", choices=("api", "in-band"), default="api",
+    p.add_argument("--mechanism", choices=("api", "in-band", "api-noop"), default="api",
                    help="how triggers are sent: POST to the control API (default), or the NBD "
                         "TRIGGER command on one NBD connection to the LU kept open for the run "
-                        "(the project's client, as `mirrorpool trigger --in-band` sends it)")
+                        "(the project's client, as `mirrorpool trigger --in-band` sends it); "
+                        "api-noop POSTs a trigger naming an LU that does not exist, answered "
+                        "404: the control API's own cost, with no split")
+    p.add_argument("--timeline", action="store_true",
+                   help="log every write's latency (fio --write_lat_log) and report, per 5 ms "
+                        "after each trigger was sent, how many writes completed, their mean "
+                        "and p99 latency, and where the run's slowest 0.1 %% fell")
     p.add_argument("--iodepth", type=int, default=16)
     p.add_argument("--bs", type=parse_size, default=parse_size("4k"))
     p.add_argument("--delay", type=float, default=0.5,
@@ -117,6 +126,7 @@ class Triggerer(threading.Thread):
         self.stop_at = stop_at
         self.probe = probe
         self.lu = lu
+        self.mechanism = mechanism
         self.halt = threading.Event()
         self.results: list[dict[str, Any]] = []
         self.error: BaseException | None = None
@@ -130,22 +140,25 @@ class Triggerer(threading.Thread):
                     break
                 if time.monotonic() >= self.stop_at:
                     break
-                sent = time.monotonic()
+                sent, wall = time.monotonic(), time.time()
                 try:
+                    if self.mechanism == "api-noop":
+                        self.api.post(f"/v1/lus/{NO_SUCH_LU}/trigger", {"label": "bench"})
                     if self.nbd is not None:
                         answer = self.nbd.trigger("bench")
                     else:
                         answer = self.api.post(f"/v1/lus/{self.lu}/trigger", {"label": "bench"})
                     rtt = time.monotonic() - sent
                     gen = answer["generations"][0]
-                    row = {"t": sent, "split_ms": gen["split_ms"], "rtt_ms": rtt * 1000,
+                    row = {"t": sent, "wall": wall, "split_ms": gen["split_ms"],
+                           "rtt_ms": rtt * 1000,
                            "settle_ms": gen.get("settle_ms"), "gen": gen["gen"]}
                     if self.probe:
                         row.update(probe(self.api, self.lu))
                     self.results.append(row)
                 except (ApiError, NbdError) as exc:
                     detail = exc.detail if isinstance(exc, ApiError) else str(exc)
-                    self.results.append({"t": sent, "refused": detail,
+                    self.results.append({"t": sent, "wall": wall, "refused": detail,
                                          "rtt_ms": (time.monotonic() - sent) * 1000})
                 nxt = max(nxt + self.interval, time.monotonic())
         except BaseException as exc:  # reported by the main thread
@@ -188,6 +201,9 @@ def one_run(server: MirroredMirrorpool, fio: Fio, args: argparse.Namespace, mode
     opts = ["--rw=randwrite", f"--bs={args.bs}", f"--iodepth={args.iodepth}",
             f"--size={args.size}", f"--runtime={args.runtime}", "--time_based",
             "--percentile_list=50:99:99.9"]
+    lat_log = fio.outdir / f"lat-{mode}-r{repeat}"
+    if args.timeline:
+        opts += [f"--write_lat_log={lat_log}", "--log_avg_msec=0", "--log_unix_epoch=1"]
     t0 = time.monotonic()
     if mode != "idle-triggers":
         fio.start(f"{mode}-r{repeat}", server.uri, opts)
@@ -238,6 +254,11 @@ def one_run(server: MirroredMirrorpool, fio: Fio, args: argparse.Namespace, mode
             "rtt_p50_ms": pct(rtts, 50), "rtt_p99_ms": pct(rtts, 99),
             "split_ms": splits, "rtt_ms": rtts,
         })
+        log_file = Path(f"{lat_log}_clat.1.log")
+        if args.timeline and log_file.exists():
+            row["timeline"] = timeline(log_file, [r["wall"] for r in trig.results],
+                                       args.interval)
+            log_file.unlink()
         if args.probe and ok:
             copies = [r["copy_chunks"] for r in ok]
             row.update({
@@ -247,6 +268,34 @@ def one_run(server: MirroredMirrorpool, fio: Fio, args: argparse.Namespace, mode
                 / len(ok),
             })
     return row
+
+
+def timeline(log: Path, sent: list[float], interval: float) -> list[dict[str, float]]:
+    """Writes completed in each TIMELINE_BIN_MS after a trigger was sent (per trigger),
+    their mean and p99 latency, and the share of the run's slowest 0.1 % in the bin."""
+    starts = sorted(t * 1000.0 for t in sent)
+    done: list[tuple[float, float]] = []  # (completion ms since epoch, latency µs)
+    with open(log) as f:
+        for line in f:
+            fields = line.split(",")
+            done.append((float(fields[0]), int(fields[1]) / 1000.0))
+    if not done or not starts:
+        return []
+    cut = sorted((lat for _, lat in done), reverse=True)[len(done) // 1000]
+    bins: dict[int, list[float]] = {}
+    for at, lat in done:
+        i = bisect.bisect_right(starts, at) - 1
+        if i >= 0 and at - starts[i] < interval * 1000:
+            bins.setdefault(int(at - starts[i]) // TIMELINE_BIN_MS * TIMELINE_BIN_MS,
+                            []).append(lat)
+    slow = sum(1 for v in bins.values() for lat in v if lat >= cut) or 1
+    out = []
+    for start in sorted(bins):
+        lats = sorted(bins[start])
+        out.append({"ms": start, "writes_per_trigger": len(lats) / len(starts),
+                    "mean_us": sum(lats) / len(lats), "p99_us": lats[int(len(lats) * 0.99)],
+                    "slowest_share": sum(1 for lat in lats if lat >= cut) / slow})
+    return out
 
 
 def verdict(value: float, aim: float, limit: float) -> str:
@@ -293,6 +342,22 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
                  "each trigger (a backlog not yet copied is counted again\nat the next "
                  "trigger); a generation 'still completing' makes writes to its missing\n"
                  "chunks copy them first:\n" + render_table(ptable, right={2, 3, 4, 5, 6}))
+
+    lined = [r for r in rows if r.get("timeline")]
+    if lined:
+        ttable = [["ms after trigger sent", *[f"r{r['repeat']} {r['mode']}: writes, mean µs, "
+                                                "p99 µs, slowest 0.1 %" for r in lined]]]
+        for b in sorted({b["ms"] for r in lined for b in r["timeline"]}):
+            cells = []
+            for r in lined:
+                got = next((x for x in r["timeline"] if x["ms"] == b), None)
+                cells.append("-" if got is None else
+                             f"{got['writes_per_trigger']:.1f}, {got['mean_us']:,.0f}, "
+                             f"{got['p99_us']:,.0f}, {got['slowest_share'] * 100:.0f} %")
+            ttable.append([f"{b}-{b + TIMELINE_BIN_MS}", *cells])
+        text += ("\n\nTimeline (--timeline): per bin after each trigger was sent, writes "
+                 "completed per trigger, their mean and p99 latency, and the share of the "
+                 "run's slowest 0.1 % of writes:\n" + render_table(ttable, right=set()))
 
     def med(mode: str, key: str) -> float:
         return median([r[key] for r in rows if r["mode"] == mode])
