@@ -57,19 +57,23 @@ def snap():
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             f = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
-            out[tid] = int(f[11]) + int(f[12])
+            out[tid] = (int(f[11]), int(f[12]))
         except OSError:
             pass
     return out
 a = snap(); time.sleep(span); b = snap()
 ticks = os.sysconf("SC_CLK_TCK")
-print(sum(b[t] - a.get(t, 0) for t in b) / ticks / span)
+user = sum(b[t][0] - a.get(t, (0, 0))[0] for t in b) / ticks / span
+system = sum(b[t][1] - a.get(t, (0, 0))[1] for t in b) / ticks / span
+print(user, system)
 PY
 wait "$F"
 /usr/bin/python3 - "$W/fio.json" "$(cat "$W/cpu.txt")" "$MODE" "$DROP" <<'PY'
 import json, sys
 iops = json.load(open(sys.argv[1]))["jobs"][0]["write"]["iops"]
-cpu = float(sys.argv[2])
+user, system = map(float, sys.argv[2].split())
+cpu = user + system
 print(f"{sys.argv[3]} {sys.argv[4] or 'cached'}: {iops:,.0f} write IOPS, "
-      f"A uses {cpu:.2f} CPU = {cpu / iops * 1e6:.1f} us per write")
+      f"A uses {cpu:.2f} CPU = {cpu / iops * 1e6:.1f} us per write "
+      f"({user / iops * 1e6:.1f} user, {system / iops * 1e6:.1f} system)")
 PY
