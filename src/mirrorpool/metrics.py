@@ -150,6 +150,13 @@ class DeviceCollector(Collector):
                                   labels=["lu"])
         sent = CounterMetricFamily("mirrorpool_replication_sent_bytes",
                                    "bytes written to the remote device", labels=["lu"])
+        records = CounterMetricFamily("mirrorpool_replication_records_sent",
+                                      "journal records sent to the remote device",
+                                      labels=["lu"])
+        windows = CounterMetricFamily("mirrorpool_replication_windows_sent",
+                                      "windows the journal records were sent in (records "
+                                      "sent back to back before their replies)",
+                                      labels=["lu"])
         skipped = CounterMetricFamily("mirrorpool_replication_triggers_not_replicated",
                                       "triggers answered while the copy was not consistent",
                                       labels=["lu"])
@@ -163,8 +170,11 @@ class DeviceCollector(Collector):
             limit.add_metric(lu, s["journal_limit"])
             dirty.add_metric(lu, s["dirty_bytes"] + s["compare_bytes"])
             sent.add_metric(lu, s["sent_bytes"])
+            records.add_metric(lu, s["records_sent"])
+            windows.add_metric(lu, s["windows_sent"])
             skipped.add_metric(lu, s["triggers_not_replicated"])
-        yield from (connected, consistent, lag_seq, lag_s, journal, limit, dirty, sent, skipped)
+        yield from (connected, consistent, lag_seq, lag_s, journal, limit, dirty, sent, records,
+                    windows, skipped)
 
 
 def make_registry(device: Device, io: IoStats) -> CollectorRegistry:
