@@ -28,6 +28,9 @@ def test_add_status_list_remove(pair: tuple[DeviceProcess, DeviceProcess]) -> No
     metrics = httpx.get(a.api + "/metrics").text
     assert 'mirrorpool_replication_consistent{lu="db"} 1.0' in metrics
     assert 'mirrorpool_replication_lag_sequence{lu="db"} 0.0' in metrics
+    for counter in ("records_sent", "windows_sent"):
+        assert f'mirrorpool_replication_{counter}_total{{lu="db"}}' in metrics
+    assert status["windows_sent"] <= status["records_sent"]
     assert [s["lu"] for s in json.loads(a.cli("remote", "list", "--json").stdout)] == ["db"]
 
     made = json.loads(a.cli("trigger", "db", "--label", "cli", "--json").stdout)
