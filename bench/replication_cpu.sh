@@ -16,20 +16,8 @@
 set -euo pipefail
 MODE=${1:?usage: replication_cpu.sh nolink|link|journal [drop]}
 DROP=${2:-}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-MP="$ROOT/.venv/bin/mirrorpool"
-W=$(mktemp -d /tmp/replication-cpu-XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.1; done; echo "port $1 not up" >&2; exit 1; }
-
-taskset -c 0 "$MP" serve --data "$W/a" --listen 127.0.0.1:11909 --api 127.0.0.1:11990 > "$W/a.log" 2>&1 &
-A=$!; PIDS+=("$A")
-taskset -c 1 "$MP" serve --data "$W/b" --listen 127.0.0.1:11919 --api 127.0.0.1:11991 > "$W/b.log" 2>&1 &
-B=$!; PIDS+=("$B")
-wait_port 11990; wait_port 11991; wait_port 11909
-export MIRRORPOOL_API=http://127.0.0.1:11990
+source "$(dirname "$0")/two_devices.sh"
+start_devices
 "$MP" lu create bench --size 1G --pool 3 > /dev/null
 fio --name=fill --ioengine=nbd --uri=nbd://127.0.0.1:11909/bench --rw=write --bs=1M \
     --iodepth=8 --size=1G > /dev/null

@@ -10,20 +10,9 @@
 # (read every 50 ms, which A's API answers: a small part of the CPU counted).
 # Ports 11909/11919 (NBD) and 11990/11991 (API) on 127.0.0.1; servers are stopped by PID.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-MP="$ROOT/.venv/bin/mirrorpool"
+source "$(dirname "$0")/two_devices.sh"
 N=${N:-120000}
-W=$(mktemp -d /tmp/replication-drain-XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill -CONT "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.1; done; echo "port $1 not up" >&2; exit 1; }
-taskset -c 0 "$MP" serve --data "$W/a" --listen 127.0.0.1:11909 --api 127.0.0.1:11990 > "$W/a.log" 2>&1 &
-A=$!; PIDS+=("$A")
-taskset -c 1 "$MP" serve --data "$W/b" --listen 127.0.0.1:11919 --api 127.0.0.1:11991 > "$W/b.log" 2>&1 &
-B=$!; PIDS+=("$B")
-wait_port 11990; wait_port 11991; wait_port 11909
-export MIRRORPOOL_API=http://127.0.0.1:11990
+start_devices
 "$MP" lu create bench --size 1G --pool 1 > /dev/null
 "$MP" remote add bench --device http://127.0.0.1:11991 --remote-pool 1 --journal-limit 4G > /dev/null
 st() { curl -s "$MIRRORPOOL_API/v1/lus/bench/remote"; }

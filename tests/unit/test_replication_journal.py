@@ -70,16 +70,20 @@ def test_a_torn_record_ends_the_journal(tmp_path: Path) -> None:
     j.close()
 
 
-def test_a_corrupt_record_is_never_sent(tmp_path: Path) -> None:
+def _overwrite_record_2(tmp_path: Path, where: int, data: bytes) -> None:
+    """Records 1 to 3 on file, then ``data`` over record 2 from byte ``where`` of it."""
     j = ReplicationJournal(str(tmp_path), 1 << 20)
     for seq in range(1, 4):
         j.append(_write(seq))
     j.close()
     (segment,) = [p for p in tmp_path.iterdir() if p.suffix == ".seg"]
-    size = _write(1).size
     with open(segment, "r+b") as f:
-        f.seek(size + 40)  # inside record 2's payload
-        f.write(b"\xff")
+        f.seek(_write(1).size + where)
+        f.write(data)
+
+
+def test_a_corrupt_record_is_never_sent(tmp_path: Path) -> None:
+    _overwrite_record_2(tmp_path, 60, b"\xff")  # inside its payload
     j = ReplicationJournal(str(tmp_path), 1 << 20)
     assert [r.seq for r, _ in j.records_after(0)] == [1]
     j.close()
@@ -247,15 +251,7 @@ def test_records_are_journalled_as_the_requests_the_link_sends(tmp_path: Path) -
 @pytest.mark.parametrize("where", [4, 11], ids=["kind", "length"])
 def test_a_corrupt_prefix_ends_the_journal(tmp_path: Path, where: int) -> None:
     """The CRC covers the record's kind and length too: a STOP cannot appear from a WRITE."""
-    j = ReplicationJournal(str(tmp_path), 1 << 20)
-    for seq in range(1, 4):
-        j.append(_write(seq))
-    j.close()
-    (segment,) = [p for p in tmp_path.iterdir() if p.suffix == ".seg"]
-    size = _write(1).size
-    with open(segment, "r+b") as f:
-        f.seek(size + where)
-        f.write(bytes([Kind.STOP]) if where == 4 else b"\x50")
+    _overwrite_record_2(tmp_path, where, bytes([Kind.STOP]) if where == 4 else b"\x50")
     j = ReplicationJournal(str(tmp_path), 1 << 20)
     assert [r.seq for r, _ in j.records_after(0)] == [1]
     assert not j.stopped
