@@ -256,3 +256,15 @@ def test_a_corrupt_prefix_ends_the_journal(tmp_path: Path, where: int) -> None:
     assert [r.seq for r, _ in j.records_after(0)] == [1]
     assert not j.stopped
     j.close()
+
+
+def test_records_whose_crc_left_out_the_prefix_are_still_read(tmp_path: Path) -> None:
+    """Segments of the layout's first version (magic MPRW) are sent, not cut off."""
+    first = rj.encode(Kind.WRITE, 1, 4096, 8, b"\x07" * 8)[rj._PREFIX.size :]
+    prefix = rj._PREFIX.pack(b"MPRW", Kind.WRITE, len(first), zlib.crc32(first))
+    (tmp_path / "00000000.seg").write_bytes(prefix + first + b"\0" * 64)
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    j.append(_write(2))
+    assert [r for r, _ in j.records_after(0)] == [Record(Kind.WRITE, 1, 4096, 8, b"\x07" * 8),
+                                                  _write(2)]
+    j.close()

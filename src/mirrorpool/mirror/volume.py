@@ -624,16 +624,23 @@ class MirroredVolume:
             member.dropper.start()
 
     def _join_dropper(self, member: Member) -> None:
-        """Wait for a cache drop in progress: its store must not close under it."""
+        """Wait for a cache drop in progress: its store must not close under it.
+
+        The member has left the pool, or the volume is closed: no other drop starts.
+        """
         with self._drop_lock:
-            if member.dropper is not None:
-                member.dropper.join()
-                member.dropper = None
+            dropper, member.dropper = member.dropper, None
+        if dropper is not None:
+            dropper.join()
 
     def _release(self, member: Member) -> None:
         try:
             member.store.release()
         except StoreError as exc:
+            if self._stopping or self._closed or member not in self.members:
+                log.warning("could not write back a backup being closed", extra={
+                    "lu": self.name, "member": member.idx, "error": str(exc)})
+                return
             # the write-back failed: what the member was said to hold may be lost
             self._member_failed(member, exc)
 

@@ -11,7 +11,8 @@ CRC-32 of the prefix's first 12 bytes and of what follows), then the NBD request
 exactly as the link sends it: the
 request header, whose cookie is the sequence number, and the payload.  The
 sender passes records to the socket as they are, with no per-record encoding.
-Segments written by earlier versions (magic ``MPRJ``) are still read.
+Segments written by earlier versions (magic ``MPRJ``, and ``MPRW``, whose CRC left
+out the prefix) are still read.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from typing import BinaryIO, NamedTuple
 from mirrorpool.nbd.codec import REQUEST_HEADER
 from mirrorpool.nbd.constants import REQUEST_MAGIC, Cmd, CmdFlag
 
-MAGIC = b"MPRW"
+MAGIC = b"MPRX"
 _LEAD = struct.Struct(">4sBxxxI")  # magic, kind, wire length
 _PREFIX = struct.Struct(">4sBxxxII")  # the same, then a CRC-32 of them and of the wire bytes
 _WIRE = REQUEST_HEADER  # magic, flags, type, cookie (the sequence number), offset, length
 _OLD_MAGIC = b"MPRJ"  # before the wire layout: header, payload, CRC of both
+_WIRE_CRC_MAGIC = b"MPRW"  # the wire layout with a CRC of the wire bytes alone
 _OLD_HEAD = struct.Struct(">4sBxxxQQQI")
 _CRC = struct.Struct(">I")
 JOURNALLED_WRITE_OVERHEAD = _PREFIX.size + _WIRE.size  # a WRITE's bytes on file past its data
@@ -217,14 +219,14 @@ class ReplicationJournal:
                     entry, size = got
                 else:
                     magic, kind, wire_len, crc = _PREFIX.unpack(prefix)
-                    if magic != MAGIC or kind not in _COMMAND \
+                    if magic not in (MAGIC, _WIRE_CRC_MAGIC) or kind not in _COMMAND \
                             or not _WIRE.size <= wire_len <= SEGMENT_BYTES:
                         return
                     data = bytearray(_PREFIX.size + wire_len)
                     data[: _PREFIX.size] = prefix
                     wire = memoryview(data)[_PREFIX.size :]
-                    if f.readinto(wire) < wire_len or crc != zlib.crc32(
-                            wire, zlib.crc32(prefix[: _LEAD.size])):
+                    lead = zlib.crc32(prefix[: _LEAD.size]) if magic == MAGIC else 0
+                    if f.readinto(wire) < wire_len or crc != zlib.crc32(wire, lead):
                         return
                     _, _, command, seq, _, _ = _WIRE.unpack_from(wire)
                     if command != _COMMAND[kind]:

@@ -160,7 +160,9 @@ class Replicator:
         self.last_remote_trigger: dict | None = None
         self.not_replicated = 0  # triggers answered locally while the copy was not consistent
         self.sent_bytes = 0
-        self.records_sent = 0  # journal records sent, in windows_sent windows
+        # journal records sent, in windows_sent windows (sent again after a reconnection:
+        # counted again)
+        self.records_sent = 0
         self.windows_sent = 0
         self._overflow = False
         # after a crash of this device: the journal is sent up to here, then the dirty
@@ -472,14 +474,22 @@ class Replicator:
                 continue
             batch: list[Entry] = []
             size = 0
+            dry = True  # the window holds every record there was
             for entry, after in self.journal.entries_after(self.replied_seq, cursor):
                 if entry.kind == Kind.STOP:
                     break  # journaling ended here: the refresh takes over, nothing is sent
+                if entry.kind == Kind.TRIGGER and batch:
+                    # A TRIGGER leads a window of its own: every write before it has been
+                    # answered without error, so the remote generation lacks none of them
+                    # (a failed write is sent again after the link resumes).
+                    dry = False
+                    break
                 batch.append(entry)
                 if after is not None:  # records read from the files
                     cursor = after
                 size += len(entry.data)
                 if len(batch) == WINDOW or size >= WINDOW_BYTES:
+                    dry = False
                     break
             if batch:
                 self._send_window(client, batch)
@@ -498,7 +508,7 @@ class Replicator:
             if not batch:
                 self._wake.wait(FLUSH_EVERY)
                 self._wake.clear()
-            elif len(batch) < WINDOW // 2 and self.config.mode != "sync":
+            elif dry and len(batch) < WINDOW // 2 and self.config.mode != "sync":
                 # Caught up: let records gather.  A window of one or two costs the host
                 # path nearly as much as a full one (the system calls, the wake-ups, the
                 # turns at the interpreter), and async mode can lag a little more.
