@@ -197,5 +197,6 @@ def test_an_async_link_sends_a_trickle_of_writes_in_windows(
     records = after["records_sent"] - before["records_sent"]
     windows = after["windows_sent"] - before["windows_sent"]
     assert records >= 400  # records sent again after a reconnection count again
-    assert windows * 2 <= records, (records, windows)  # one each without the wait
+    # about 2 records a window without the wait, 20 or more with it
+    assert windows * 4 <= records, (records, windows)
     assert_identical(a.uri("w"), b.uri("w"))
