@@ -134,7 +134,6 @@ class ReplicationJournal:
         self.limit = limit
         os.makedirs(directory, exist_ok=True)
         self._lock = threading.Lock()
-        self._appended = threading.Condition(self._lock)
         # Records are numbered and queued under the sequencer lock, and written to
         # the file by persist() before the host's write is acknowledged: one
         # writev for all that queued meanwhile, and no system call under the
@@ -288,7 +287,6 @@ class ReplicationJournal:
             self._mem_bytes += size
             if self._mem_bytes > MEMORY_BYTES:
                 self._shed_mem()
-            self._appended.notify_all()
         if kind == Kind.STOP:
             self.persist()  # start-up after a crash must see it
 
@@ -344,11 +342,6 @@ class ReplicationJournal:
         with self._io_lock:
             if self._fd >= 0:
                 os.fdatasync(self._fd)
-
-    def wait_for(self, after_seq: int, timeout: float) -> bool:
-        """Wait until a record numbered above ``after_seq`` is in the journal."""
-        with self._lock:
-            return self._appended.wait_for(lambda: self.last_seq > after_seq, timeout)
 
     # ------------------------------------------------------------ reading and trimming
 
