@@ -124,7 +124,7 @@ class MirroredVolume:
             m for m in members if m.state is MemberState.GENERATION and m.pending
         ]
         self._copy_wanted = threading.Condition()
-        self._drop_lock = threading.Lock()  # cache-drop threads start and end under it
+        self._drop_lock = threading.Lock()  # cache-drop threads start and are handed over under it
         self._closed = False
         self._stopping = False
         # Operators may hold resync back (e.g. at peak load); exactness does not depend on it.
@@ -614,14 +614,18 @@ class MirroredVolume:
         them a tenth of a second, in which the next trigger's copy must not wait.
         """
         member.bulk_copied = False
-        with self._drop_lock:  # no dropper starts on a member leaving, or closed
-            if self._stopping or self._closed or member not in self.members:
+        with self._drop_lock:
+            if self._leaving(member):
                 return
             if member.dropper is not None and member.dropper.is_alive():
                 return  # still writing back the copy before: the resync does not wait
             member.dropper = threading.Thread(target=self._release, args=(member,),
                                               name=f"drop-cache-{self.name}", daemon=True)
             member.dropper.start()
+
+    def _leaving(self, member: Member) -> bool:
+        """The member left the pool, or the volume is stopping or closed."""
+        return self._stopping or self._closed or member not in self.members
 
     def _join_dropper(self, member: Member) -> None:
         """Wait for a cache drop in progress: its store must not close under it.
@@ -637,7 +641,7 @@ class MirroredVolume:
         try:
             member.store.release()
         except StoreError as exc:
-            if self._stopping or self._closed or member not in self.members:
+            if self._leaving(member):
                 log.warning("could not write back a backup being closed", extra={
                     "lu": self.name, "member": member.idx, "error": str(exc)})
                 return

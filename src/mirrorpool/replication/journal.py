@@ -8,9 +8,9 @@ ends the journal instead of being sent.
 
 Layout of a record: a prefix ``>4sBxxxII`` (magic, kind, length of what follows,
 CRC-32 of the prefix's first 12 bytes and of what follows), then the NBD request
-exactly as the link sends it: the
-request header, whose cookie is the sequence number, and the payload.  The
-sender passes records to the socket as they are, with no per-record encoding.
+exactly as the link sends it: the request header, whose cookie is the sequence
+number, and the payload.  The sender passes records to the socket as they are,
+with no per-record encoding.
 Segments written by earlier versions (magic ``MPRJ``, and ``MPRW``, whose CRC left
 out the prefix) are still read.
 """
@@ -60,7 +60,8 @@ class JournalFull(Exception):
 
 
 # The NBD command that carries each kind over the link (STOP is never sent).
-_COMMAND = {1: Cmd.WRITE, 2: Cmd.WRITE_ZEROES, 3: Cmd.TRIM, 4: Cmd.TRIGGER, 5: Cmd.FLUSH}
+_COMMAND = {Kind.WRITE: Cmd.WRITE, Kind.ZERO: Cmd.WRITE_ZEROES, Kind.TRIM: Cmd.TRIM,
+            Kind.TRIGGER: Cmd.TRIGGER, Kind.STOP: Cmd.FLUSH}
 
 
 def encode(kind: int, seq: int, offset: int, length: int,
@@ -105,8 +106,7 @@ class Record:
 
     @property
     def size(self) -> int:
-        return _PREFIX.size + _WIRE.size + (len(self.payload) if self.kind in
-                                            (Kind.WRITE, Kind.TRIGGER) else 0)
+        return len(self.encode())
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> Record:
