@@ -157,6 +157,10 @@ class DeviceCollector(Collector):
                                       "windows the journal records were sent in (records "
                                       "sent back to back before their replies)",
                                       labels=["lu"])
+        journal_writes = CounterMetricFamily(
+            "mirrorpool_replication_journal_writes",
+            "system calls that wrote journal records (the records of the host writes "
+            "a connection had received are written together)", labels=["lu"])
         skipped = CounterMetricFamily("mirrorpool_replication_triggers_not_replicated",
                                       "triggers answered while the copy was not consistent",
                                       labels=["lu"])
@@ -172,9 +176,10 @@ class DeviceCollector(Collector):
             sent.add_metric(lu, s["sent_bytes"])
             records.add_metric(lu, s["records_sent"])
             windows.add_metric(lu, s["windows_sent"])
+            journal_writes.add_metric(lu, s["journal_writes"])
             skipped.add_metric(lu, s["triggers_not_replicated"])
         yield from (connected, consistent, lag_seq, lag_s, journal, limit, dirty, sent, records,
-                    windows, skipped)
+                    windows, journal_writes, skipped)
 
 
 def make_registry(device: Device, io: IoStats) -> CollectorRegistry:

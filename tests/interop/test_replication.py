@@ -13,6 +13,9 @@ import time
 
 import nbd
 
+from mirrorpool.nbd.client import NbdClient
+from mirrorpool.nbd.codec import REQUEST_HEADER
+from mirrorpool.nbd.constants import REQUEST_MAGIC, Cmd
 from tests.helpers.processes import DeviceProcess
 from tests.mirror_support import (
     MiB,
@@ -200,3 +203,42 @@ def test_an_async_link_sends_a_trickle_of_writes_in_windows(
     # about 2 records a window without the wait, 20 or more with it
     assert windows * 4 <= records, (records, windows)
     assert_identical(a.uri("w"), b.uri("w"))
+
+
+def _pipelined_writes(client: NbdClient, count: int, seed: int) -> tuple[list[bytes], bytes]:
+    """``count`` 4 KiB writes to blocks 0.. as one send, and what the LU then holds there."""
+    buffers: list[bytes | memoryview] = []
+    blocks = [bytes([seed + i]) * 4096 for i in range(count)]
+    for i, block in enumerate(blocks):
+        buffers += client.encode_request(Cmd.WRITE, i * 4096, 4096, 0, block)[1]
+    return [bytes(b) for b in buffers], b"".join(blocks)
+
+
+def test_a_burst_of_host_writes_is_journalled_together(
+    pair: tuple[DeviceProcess, DeviceProcess],
+) -> None:
+    """Writes a connection has already received are admitted before the first is carried
+    out, so their journal records reach the file in a few system calls, not one each;
+    writes followed at once by a disconnection are still carried out."""
+    a, b = pair
+    api(a, "POST", "/v1/lus", {"name": "g", "size": SIZE, "pool": 1}, expect=201)
+    add_link(a, b, "g")
+    wait_caught_up(a, "g")
+    before = link_status(a, "g")["journal_writes"]
+    client = NbdClient(a.uri("g"))
+    buffers, expected = _pipelined_writes(client, 32, 1)
+    client.send_buffers(buffers)
+    replies = [client.next_reply() for _ in range(32)]
+    assert all(error == 0 for _, error, _, _ in replies), replies
+    writes = link_status(a, "g")["journal_writes"] - before
+    assert 1 <= writes <= 16, writes  # 32 without the look-ahead
+
+    # the same, with the disconnection right behind them and no reply read
+    buffers, expected = _pipelined_writes(client, 16, 101)
+    disc = REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Cmd.DISC, 0, 0, 0)
+    client.sock.sendall(b"".join(buffers) + disc)
+    client.abort()
+    with NbdClient(a.uri("g")) as again:
+        assert again.pread(len(expected), 0) == expected
+    wait_caught_up(a, "g")
+    assert_identical(a.uri("g"), b.uri("g"))

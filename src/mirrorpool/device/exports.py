@@ -83,6 +83,13 @@ class Export:
         """Does a write here also go to a backup (or a replication journal) right now?"""
         return False
 
+    @property
+    def admits_ahead(self) -> bool:
+        """Should a connection admit every whole mutation it has received before
+        carrying out the first?  Worth it where admission queues work that one
+        system call then does for all of them (a replication journal's records)."""
+        return False
+
     def admit(self, cmd: Command, payload: memoryview) -> object | None:
         return None
 
@@ -147,6 +154,11 @@ class PrimaryExport(Export):
     @property
     def writes_copied(self) -> bool:
         return self.volume.active is not None or self.name in self.device.remotes
+
+    @property
+    def admits_ahead(self) -> bool:
+        # the first write carried out persists the journal records of all of them
+        return self.name in self.device.remotes
 
     def admit(self, cmd: Command, payload: memoryview) -> object | None:
         if cmd.type in MUTATIONS:

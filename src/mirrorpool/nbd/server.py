@@ -17,6 +17,7 @@ import mmap
 import os
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -88,6 +89,27 @@ _FUA = int(CmdFlag.FUA)
 _free_buffers: list[mmap.mmap] = []
 _buffers_lock = threading.Lock()
 MAX_FREE_BUFFERS = 16
+
+
+_AHEAD = frozenset(int(c) for c in (Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM))
+MAX_AHEAD = 64  # mutations admitted before the first of them is carried out
+_HEADER_TYPE = struct.Struct(">H")
+_HEADER_LENGTH = struct.Struct(">I")
+
+
+def _whole_mutation(buf: memoryview, start: int, end: int) -> bool:
+    """Is the next request in ``buf[start:end]`` a mutation that is all there, payload
+    and all, and served on the reading thread?"""
+    have = end - start
+    if have < c.REQUEST_HEADER_SIZE:
+        return False
+    (typ,) = _HEADER_TYPE.unpack_from(buf, start + 6)
+    if typ not in _AHEAD:
+        return False
+    (length,) = _HEADER_LENGTH.unpack_from(buf, start + 24)
+    if typ == Cmd.WRITE:
+        return length < SLOW_COPIED_WRITE and have >= c.REQUEST_HEADER_SIZE + length
+    return length < SLOW_RANGE
 
 
 def _is_slow(cmd: c.Command) -> bool:
@@ -529,8 +551,21 @@ class Connection:
                     raise _PeerClosed("peer closed the connection")
                 end += n
 
+        # Mutations admitted ahead, waiting to be carried out in order.  Their
+        # payloads are views of rview, so they are served before any fill().
+        ahead: list[tuple[c.Command, memoryview, tuple[Errno, str], object]] = []
+
+        def serve_ahead() -> None:
+            while ahead:
+                self._serve(*ahead.pop(0), out)
+
         try:
             while not self._closing:
+                if ahead and (len(ahead) >= MAX_AHEAD
+                              or not _whole_mutation(rview, start, end)):
+                    serve_ahead()
+                    if len(out) > 256:
+                        flush()
                 try:
                     if end - start < header_size:
                         fill(header_size)
@@ -542,6 +577,7 @@ class Connection:
                     spare = None
                     n = cmd.payload_length
                     payload = view
+                    buffered = n == 0  # the payload is a view of rview
                     if n:
                         if n > MAX_PAYLOAD:
                             self._drain_buffered(cmd.payload_length, rview, start, end)
@@ -559,6 +595,7 @@ class Connection:
                             if dst is None:
                                 payload = rview[start : start + n]
                                 start += n
+                                buffered = True
                             else:
                                 have = min(end - start, n)
                                 dst[:have] = rview[start : start + have]
@@ -581,6 +618,12 @@ class Connection:
                         ticket = self.export.admit(cmd, payload[:n])
                     except (MirrorpoolError, StoreError) as exc:
                         verdict = (error_code(exc), str(exc))
+                if buffered and not slow and cmd.type in _AHEAD and \
+                        _whole_mutation(rview, start, end) and self.export.admits_ahead:
+                    # the next request is a whole mutation as well: admit it first
+                    ahead.append((cmd, payload[:n], verdict, ticket))
+                    continue
+                serve_ahead()
                 if slow:
                     if spare is None and cmd.type == Cmd.READ:
                         spare = _take_buffer()
@@ -598,9 +641,16 @@ class Connection:
                 self._serve(cmd, payload, verdict, ticket, out)
                 if len(out) > 256:
                     flush()
+            serve_ahead()
             flush()
         finally:
-            _give_buffer(buf)
+            try:
+                # admitted, so carried out even if the peer went away (as a helper's are)
+                with contextlib.suppress(OSError):
+                    serve_ahead()
+                    flush()
+            finally:
+                _give_buffer(buf)
 
     def _drain_buffered(self, n: int, rview: memoryview, start: int, end: int) -> None:
         """Skip an oversized WRITE payload, part of which may already be buffered."""

@@ -150,6 +150,7 @@ class ReplicationJournal:
         self._current = 0
         self.last_seq = 0
         self.stopped = False  # the newest record on file is a STOP
+        self.writes = 0  # system calls that wrote records (one may write many)
         # The newest records are also kept in memory, so the sender need not read
         # them back: every record numbered above _disk_only_upto is in _mem.
         self._mem: list[Entry] = []
@@ -328,6 +329,7 @@ class ReplicationJournal:
     def _write_all(self, datas: list[bytes]) -> None:
         """pwritev until every byte is in the file (a short write leaves no gap)."""
         total = sum(len(d) for d in datas)
+        self.writes += 1
         done = os.pwritev(self._fd, datas, self._fd_end)
         while done < total:  # rare: only then is the batch joined
             n = os.pwrite(self._fd, memoryview(b"".join(datas))[done:], self._fd_end + done)

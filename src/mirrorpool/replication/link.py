@@ -344,6 +344,7 @@ class Replicator:
             "down_seconds": round(time.monotonic() - self.down_since, 3)
             if self.down_since is not None and not self.connected else 0.0,
             "sent_bytes": self.sent_bytes,
+            "journal_writes": self.journal.writes,
             "records_sent": self.records_sent,
             "windows_sent": self.windows_sent,
             "triggers_not_replicated": self.not_replicated,
