@@ -203,7 +203,10 @@ class PrimaryExport(Export):
             replicator.diverged(BitMap(range(op.start // CHUNK, op.end // CHUNK)))  # type: ignore[attr-defined]
             raise
         if fua:
-            replicator.journal.sync()
+            try:
+                replicator.journal.sync()
+            except OSError as exc:  # the data is written, its record not made durable
+                raise StoreError(Errno.EIO, f"replication journal: {exc}") from None
         replicator.wait_remote(seq)
 
     def read_into(self, buf: memoryview, offset: int) -> None:

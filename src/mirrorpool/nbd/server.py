@@ -611,6 +611,11 @@ class Connection:
                     self._closing = True
                     return
                 verdict = c.check_command(cmd, self.limits)
+                # the next request is a whole mutation as well: admit this one ahead
+                defer = buffered and not slow and cmd.type in _AHEAD and \
+                    _whole_mutation(rview, start, end) and self.export.admits_ahead
+                if not defer:
+                    serve_ahead()  # before this one is admitted: if it fails, nothing is
                 ticket = None
                 if not verdict[0] and cmd.type in _ADMITTED:
                     # Sequence numbers are given here, in the order requests arrived.
@@ -618,12 +623,9 @@ class Connection:
                         ticket = self.export.admit(cmd, payload[:n])
                     except (MirrorpoolError, StoreError) as exc:
                         verdict = (error_code(exc), str(exc))
-                if buffered and not slow and cmd.type in _AHEAD and \
-                        _whole_mutation(rview, start, end) and self.export.admits_ahead:
-                    # the next request is a whole mutation as well: admit it first
+                if defer:
                     ahead.append((cmd, payload[:n], verdict, ticket))
                     continue
-                serve_ahead()
                 if slow:
                     if spare is None and cmd.type == Cmd.READ:
                         spare = _take_buffer()
@@ -645,9 +647,15 @@ class Connection:
             flush()
         finally:
             try:
-                # admitted, so carried out even if the peer went away (as a helper's are)
+                # Admitted, so carried out even if the peer went away (as a helper's are),
+                # each on its own: one that fails must not leave the others' sequencer
+                # operations unfinished, which would hold back every later one.
+                while ahead:
+                    try:
+                        self._serve(*ahead.pop(0), out)
+                    except Exception:
+                        log.exception("request failed", extra={"peer": self.peer})
                 with contextlib.suppress(OSError):
-                    serve_ahead()
                     flush()
             finally:
                 _give_buffer(buf)
