@@ -238,7 +238,11 @@ def test_a_burst_of_host_writes_is_journalled_together(
     disc = REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Cmd.DISC, 0, 0, 0)
     client.sock.sendall(b"".join(buffers) + disc)
     client.abort()
-    with NbdClient(a.uri("g")) as again:
-        assert again.pread(len(expected), 0) == expected
+
+    def landed() -> bool:  # the old connection's thread carries them out after it saw DISC
+        with NbdClient(a.uri("g")) as again:
+            return again.pread(len(expected), 0) == expected
+
+    wait_until(landed, what="the writes sent before the disconnection")
     wait_caught_up(a, "g")
     assert_identical(a.uri("g"), b.uri("g"))
