@@ -17,7 +17,6 @@ import mmap
 import os
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -93,8 +92,6 @@ MAX_FREE_BUFFERS = 16
 
 _AHEAD = frozenset(int(c) for c in (Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM))
 MAX_AHEAD = 64  # mutations admitted before the first of them is carried out
-_HEADER_TYPE = struct.Struct(">H")
-_HEADER_LENGTH = struct.Struct(">I")
 
 
 def _whole_mutation(buf: memoryview, start: int, end: int) -> bool:
@@ -103,10 +100,9 @@ def _whole_mutation(buf: memoryview, start: int, end: int) -> bool:
     have = end - start
     if have < c.REQUEST_HEADER_SIZE:
         return False
-    (typ,) = _HEADER_TYPE.unpack_from(buf, start + 6)
+    _, _, typ, _, _, length = c.REQUEST_HEADER.unpack_from(buf, start)
     if typ not in _AHEAD:
         return False
-    (length,) = _HEADER_LENGTH.unpack_from(buf, start + 24)
     if typ == Cmd.WRITE:
         return length < SLOW_COPIED_WRITE and have >= c.REQUEST_HEADER_SIZE + length
     return length < SLOW_RANGE
@@ -613,7 +609,7 @@ class Connection:
                 verdict = c.check_command(cmd, self.limits)
                 # the next request is a whole mutation as well: admit this one ahead
                 defer = buffered and not slow and cmd.type in _AHEAD and \
-                    _whole_mutation(rview, start, end) and self.export.admits_ahead
+                    self.export.admits_ahead and _whole_mutation(rview, start, end)
                 if not defer:
                     serve_ahead()  # before this one is admitted: if it fails, nothing is
                 ticket = None
