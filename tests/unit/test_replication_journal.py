@@ -268,3 +268,29 @@ def test_records_whose_crc_left_out_the_prefix_are_still_read(tmp_path: Path) ->
     assert [r for r, _ in j.records_after(0)] == [Record(Kind.WRITE, 1, 4096, 8, b"\x07" * 8),
                                                   _write(2)]
     j.close()
+
+
+@pytest.mark.parametrize("size", [0, 8, 4096, 65536 + 3])
+def test_a_record_carries_zlibs_crc_32_of_its_prefix_and_request(size: int) -> None:
+    """The CRC may be computed by a faster library, never differently: files stay readable
+    by every version, whichever library wrote them."""
+    payload = os.urandom(size)
+    data = rj.encode(Kind.WRITE, 7, 8192, size, payload)
+    lead, crc = data[: rj._LEAD.size], rj._CRC.unpack_from(data, rj._LEAD.size)[0]
+    assert crc == zlib.crc32(data[rj._PREFIX.size :], zlib.crc32(lead))
+
+
+def test_a_record_already_on_file_is_not_written_again(tmp_path: Path) -> None:
+    """persist(seq) of a record an earlier call wrote returns at once; later ones still go."""
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    for seq in range(1, 4):
+        j.append(_write(seq))
+    j.persist(upto_seq=1)
+    writes = j.writes
+    j.persist(upto_seq=3)  # written with 1
+    assert j.writes == writes
+    j.append(_write(4))
+    j.persist(upto_seq=4)
+    assert j.writes == writes + 1
+    assert _records_on_file(tmp_path) == 4
+    j.close()

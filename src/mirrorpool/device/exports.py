@@ -185,7 +185,7 @@ class PrimaryExport(Export):
     def _replicated(self, ticket: object, run: Callable[[], None], fua: bool) -> None:
         """Apply a mutation of a replicated LU, keeping the remote copy exact."""
         replicator = self.device.remotes.replicator(self.name)
-        if replicator is None:  # the link went away since admission
+        if replicator is None:  # not replicated, or the link went away since admission
             run()
             return
         seq = ticket.seq or 0  # type: ignore[attr-defined]
@@ -213,9 +213,6 @@ class PrimaryExport(Export):
         self.volume.primary.read_into(buf, offset)
 
     def write(self, ticket: object, data: memoryview, offset: int, fua: bool) -> None:
-        if self.name not in self.device.remotes:
-            self.volume.write(ticket, data, offset, fua)  # type: ignore[arg-type]
-            return
         self._replicated(ticket, lambda: self.volume.write(ticket, data, offset, fua), fua)  # type: ignore[arg-type]
 
     def zero(self, ticket: object, cmd: Command) -> None:

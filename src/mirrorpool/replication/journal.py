@@ -20,10 +20,10 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import functools
 import os
 import struct
 import threading
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
@@ -31,6 +31,13 @@ from typing import BinaryIO, NamedTuple
 
 from mirrorpool.nbd.codec import REQUEST_HEADER
 from mirrorpool.nbd.constants import REQUEST_MAGIC, Cmd, CmdFlag
+
+try:
+    # The same CRC-32 as zlib's, with SIMD: 0.12 µs for a 4 KiB record against 1.1,
+    # and every host write of a replicated LU computes one.
+    from isal.isal_zlib import crc32
+except ImportError:  # no wheel for this platform: the same values, slower
+    from zlib import crc32
 
 MAGIC = b"MPRX"
 _LEAD = struct.Struct(">4sBxxxI")  # magic, kind, wire length
@@ -77,7 +84,7 @@ def encode(kind: int, seq: int, offset: int, length: int,
     else:
         head = _WIRE.pack(REQUEST_MAGIC, 0, _COMMAND[kind], seq, offset, length)
     lead = _LEAD.pack(MAGIC, kind, len(head) + len(payload))
-    crc = zlib.crc32(payload, zlib.crc32(head, zlib.crc32(lead)))
+    crc = crc32(payload, crc32(lead + head))
     return b"".join((lead, _CRC.pack(crc), head, payload))
 
 
@@ -91,6 +98,10 @@ class Entry(NamedTuple):
     @property
     def wire(self) -> memoryview:
         return memoryview(self.data)[_PREFIX.size :]
+
+
+# Entry(seq, kind, data) without NamedTuple's __new__, a Python call: once per host write
+_new_entry = functools.partial(tuple.__new__, Entry)
 
 
 @dataclass(frozen=True)
@@ -159,6 +170,8 @@ class ReplicationJournal:
         self._mem_bytes = 0
         self._recover()
         self._disk_only_upto = self.last_seq
+        # every record numbered up to here is in the files (or was forgotten by reset)
+        self._persisted_seq = self.last_seq
 
     # ------------------------------------------------------------ files
 
@@ -225,8 +238,8 @@ class ReplicationJournal:
                     data = bytearray(_PREFIX.size + wire_len)
                     data[: _PREFIX.size] = prefix
                     wire = memoryview(data)[_PREFIX.size :]
-                    lead = zlib.crc32(prefix[: _LEAD.size]) if magic == MAGIC else 0
-                    if f.readinto(wire) < wire_len or crc != zlib.crc32(wire, lead):
+                    lead = crc32(prefix[: _LEAD.size]) if magic == MAGIC else 0
+                    if f.readinto(wire) < wire_len or crc != crc32(wire, lead):
                         return
                     _, _, command, seq, _, _ = _WIRE.unpack_from(wire)
                     if command != _COMMAND[kind]:
@@ -247,7 +260,7 @@ class ReplicationJournal:
         payload = f.read(plen)
         crc = f.read(_CRC.size)
         if len(payload) < plen or len(crc) < _CRC.size \
-                or _CRC.unpack(crc)[0] != zlib.crc32(payload, zlib.crc32(head)):
+                or _CRC.unpack(crc)[0] != crc32(payload, crc32(head)):
             return None
         data = encode(kind, seq, offset, length, payload)
         return Entry(seq, kind, data), _OLD_HEAD.size + plen + _CRC.size
@@ -283,7 +296,7 @@ class ReplicationJournal:
             self._used += size
             self.last_seq = seq
             self.stopped = kind == Kind.STOP
-            self._mem.append(Entry(seq, kind, data))
+            self._mem.append(_new_entry((seq, kind, data)))
             self._mem_seqs.append(seq)
             self._mem_bytes += size
             if self._mem_bytes > MEMORY_BYTES:
@@ -302,6 +315,10 @@ class ReplicationJournal:
 
     def persist(self, upto_seq: int | None = None) -> None:
         """Write the queued records to the file, in order (before a host is answered)."""
+        if upto_seq is not None and upto_seq <= self._persisted_seq:
+            # Already written by another call (a connection that received several writes
+            # persists all of their records at once): no lock to take.
+            return
         with self._io_lock:
             with self._lock:
                 if not self._pending or (upto_seq is not None
@@ -320,6 +337,7 @@ class ReplicationJournal:
                         self._open(index)
                     self._write_all([data for _, data, _ in pending[start:stop]])
                     self._written[index] = self._fd_end
+                    self._persisted_seq = pending[stop - 1][2]
                     start = stop
             except OSError:
                 with self._lock:  # not written: they stay queued, and the caller fails
@@ -328,7 +346,7 @@ class ReplicationJournal:
 
     def _write_all(self, datas: list[bytes]) -> None:
         """pwritev until every byte is in the file (a short write leaves no gap)."""
-        total = sum(len(d) for d in datas)
+        total = sum(map(len, datas))
         self.writes += 1
         done = os.pwritev(self._fd, datas, self._fd_end)
         while done < total:  # rare: only then is the batch joined
