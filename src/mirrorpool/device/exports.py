@@ -182,11 +182,15 @@ class PrimaryExport(Export):
             return self.device.triggers.begin([self.name], _label(payload), "in-band")
         return None
 
-    def _replicated(self, ticket: object, run: Callable[[], None], fua: bool) -> None:
-        """Apply a mutation of a replicated LU, keeping the remote copy exact."""
+    def _mutate(self, ticket: object, fua: bool, run: Callable[..., None], *args: object) -> None:
+        """Apply a mutation, ``run(*args)``; on a replicated LU, keeping the remote copy exact.
+
+        The arguments go separately, so a write to an LU that is not replicated
+        makes no closure on its way.
+        """
         replicator = self.device.remotes.replicator(self.name)
         if replicator is None:  # not replicated, or the link went away since admission
-            run()
+            run(*args)
             return
         seq = ticket.seq or 0  # type: ignore[attr-defined]
         try:
@@ -197,7 +201,7 @@ class PrimaryExport(Export):
             self.abandon(ticket)  # never applied; the range is refreshed on the remote
             raise StoreError(Errno.EIO, f"replication journal: {exc}") from None
         try:
-            run()
+            run(*args)
         except StoreError:
             op = ticket
             replicator.diverged(BitMap(range(op.start // CHUNK, op.end // CHUNK)))  # type: ignore[attr-defined]
@@ -213,7 +217,7 @@ class PrimaryExport(Export):
         self.volume.primary.read_into(buf, offset)
 
     def write(self, ticket: object, data: memoryview, offset: int, fua: bool) -> None:
-        self._replicated(ticket, lambda: self.volume.write(ticket, data, offset, fua), fua)  # type: ignore[arg-type]
+        self._mutate(ticket, fua, self.volume.write, ticket, data, offset, fua)
 
     def zero(self, ticket: object, cmd: Command) -> None:
         def run() -> None:
@@ -224,20 +228,14 @@ class PrimaryExport(Export):
                 fua=bool(cmd.flags & CmdFlag.FUA),
             )
 
-        if self.name in self.device.remotes:
-            self._replicated(ticket, run, bool(cmd.flags & CmdFlag.FUA))
-        else:
-            run()
+        self._mutate(ticket, bool(cmd.flags & CmdFlag.FUA), run)
 
     def trim(self, ticket: object, cmd: Command) -> None:
         def run() -> None:
             self.volume.trim(ticket, cmd.offset, cmd.length,  # type: ignore[arg-type]
                              bool(cmd.flags & CmdFlag.FUA))
 
-        if self.name in self.device.remotes:
-            self._replicated(ticket, run, bool(cmd.flags & CmdFlag.FUA))
-        else:
-            run()
+        self._mutate(ticket, bool(cmd.flags & CmdFlag.FUA), run)
 
     def trigger(self, ticket: object) -> dict:
         return self._answer(ticket)  # type: ignore[arg-type]
