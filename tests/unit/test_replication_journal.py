@@ -294,3 +294,25 @@ def test_a_record_already_on_file_is_not_written_again(tmp_path: Path) -> None:
     assert j.writes == writes + 1
     assert _records_on_file(tmp_path) == 4
     j.close()
+
+
+def test_sync_makes_segments_left_behind_durable_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A FLUSH after a roll-over covers the records in the segment before it."""
+    monkeypatch.setattr(rj, "SEGMENT_BYTES", 3 * _write(1).size)
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    for seq in range(1, 8):  # segments 0 (1-3), 1 (4-6), 2 (7)
+        j.append(_write(seq))
+    j.persist()
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(rj.os, "fdatasync", lambda fd: (synced.append(os.fstat(fd).st_ino),
+                                                        real(fd)))
+    j.sync()
+    inodes = {os.stat(tmp_path / rj._segment_name(i)).st_ino for i in range(3)}
+    assert set(synced) == inodes
+    synced.clear()
+    j.sync()  # nothing left behind since: the current segment only
+    assert synced == [os.stat(tmp_path / rj._segment_name(2)).st_ino]
+    j.close()

@@ -154,6 +154,7 @@ class ReplicationJournal:
         self._fd_index = -1
         self._fd_end = 0  # bytes of records in the file of _fd_index
         self._written: dict[int, int] = {}  # the same, for segments written before
+        self._unsynced: set[int] = set()  # segments written, then left, since the last sync
         self._used = 0
         # segment index -> (bytes, last seq)
         self._segments: dict[int, tuple[int, int]] = {}
@@ -197,9 +198,11 @@ class ReplicationJournal:
         self._open(self._current)
 
     def _open(self, index: int) -> None:
+        fd = os.open(self._path(index), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if self._fd >= 0:
             os.close(self._fd)
-        self._fd = os.open(self._path(index), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._unsynced.add(self._fd_index)
+        self._fd = fd
         self._fd_index = index
         # Where the next record goes: after the last whole record (start-up cut any
         # torn tail).  The segment's space is allocated once, up front: an append
@@ -357,11 +360,29 @@ class ReplicationJournal:
         self._fd_end += total
 
     def sync(self) -> None:
-        """Persist, then make the journal durable (a host's FLUSH or FUA write)."""
+        """Persist, then make the journal durable (a host's FLUSH or FUA write).
+
+        The segments left for a new one since the last sync are made durable too.
+        """
         self.persist()
         with self._io_lock:
-            if self._fd >= 0:
-                os.fdatasync(self._fd)
+            older, self._unsynced = self._unsynced, set()
+            try:
+                for index in sorted(older):
+                    try:
+                        fd = os.open(self._path(index), os.O_RDONLY | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        older.discard(index)  # trimmed: the remote device has its records
+                        continue
+                    try:
+                        os.fdatasync(fd)
+                    finally:
+                        os.close(fd)
+                    older.discard(index)
+                if self._fd >= 0:
+                    os.fdatasync(self._fd)
+            finally:
+                self._unsynced |= older  # not made durable: the next sync tries again
 
     # ------------------------------------------------------------ reading and trimming
 
@@ -447,6 +468,7 @@ class ReplicationJournal:
             for index in done:
                 self._used -= self._segments.pop(index)[0]
                 self._written.pop(index, None)
+                self._unsynced.discard(index)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._path(index))
             size, last = self._segments[self._current]
@@ -470,6 +492,7 @@ class ReplicationJournal:
         """Forget every record (the remote copy is resynced from changed-block tracking)."""
         with self._io_lock, self._lock:
             self._pending.clear()
+            self._unsynced.clear()
             for index in list(self._segments):
                 if index != self._current:
                     self._used -= self._segments.pop(index)[0]
