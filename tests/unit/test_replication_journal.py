@@ -316,3 +316,28 @@ def test_sync_makes_segments_left_behind_durable_too(
     j.sync()  # nothing left behind since: the current segment only
     assert synced == [os.stat(tmp_path / rj._segment_name(2)).st_ino]
     j.close()
+
+
+def test_the_first_sync_after_a_restart_covers_what_the_last_run_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Segments written before a crash may never have been made durable: a FLUSH
+    after the restart makes them so, and a clean close leaves every one durable."""
+    monkeypatch.setattr(rj, "SEGMENT_BYTES", 3 * _write(1).size)
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    for seq in range(1, 8):  # segments 0, 1 and 2
+        j.append(_write(seq))
+    j.persist()
+    os.close(j._fd)  # the crash
+    inodes = {os.stat(tmp_path / rj._segment_name(i)).st_ino for i in range(3)}
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(rj.os, "fdatasync", lambda fd: (synced.append(os.fstat(fd).st_ino),
+                                                        real(fd)))
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    j.sync()
+    assert set(synced) == inodes
+    j.append(_write(8))  # beside 7, in segment 2
+    synced.clear()
+    j.close()
+    assert set(synced) == {os.stat(tmp_path / rj._segment_name(2)).st_ino}

@@ -21,6 +21,7 @@ import bisect
 import contextlib
 import errno
 import functools
+import logging
 import os
 import struct
 import threading
@@ -38,6 +39,8 @@ try:
     from isal.isal_zlib import crc32
 except ImportError:  # no wheel for this platform: the same values, slower
     from zlib import crc32
+
+log = logging.getLogger("mirrorpool.replication")
 
 MAGIC = b"MPRX"
 _LEAD = struct.Struct(">4sBxxxI")  # magic, kind, wire length
@@ -193,6 +196,8 @@ class ReplicationJournal:
             self._written[index] = good
             self.last_seq = max(self.last_seq, last)
         self._current = indexes[-1] if indexes else 0
+        # written by an earlier run, maybe never made durable (a sync covers them too)
+        self._unsynced.update(i for i in indexes if i != self._current)
         self._segments.setdefault(self._current, (0, 0))
         self._used = sum(size for size, _ in self._segments.values())
         self._open(self._current)
@@ -508,6 +513,11 @@ class ReplicationJournal:
 
     def close(self) -> None:
         self.persist()
+        try:
+            self.sync()  # a clean stop leaves the journal durable, as it leaves the data
+        except OSError as exc:
+            log.error("replication journal not made durable at close",
+                      extra={"journal": self.directory, "error": str(exc)})
         with self._io_lock, self._lock:
             if self._fd >= 0:
                 os.close(self._fd)
