@@ -78,6 +78,9 @@ class RemoteService:
                 log.error("replication link not started", extra={"lu": lu_name,
                                                                   "why": str(exc)})
                 continue
+            # After a crash the volume numbers from its last saved point plus a margin;
+            # a journal or a remote copy ahead of that must never see numbers again.
+            lu.volume.seq.skip_past(max(replicator.journal.last_seq, acked))
             if state == REVERSING:
                 replicator.last_error = ("a reverse resync did not finish: run `mirrorpool "
                                          f"remote resync {lu_name} --reverse` again")

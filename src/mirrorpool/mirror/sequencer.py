@@ -64,6 +64,11 @@ class Sequencer:
     def last_seq(self) -> int:
         return self.next_seq - 1
 
+    def skip_past(self, seq: int) -> None:
+        """Number what comes next above ``seq`` (one used before a crash, say)."""
+        with self.lock:
+            self.next_seq = max(self.next_seq, seq + 1)
+
     def admit(
         self,
         start: int,
