@@ -33,7 +33,7 @@ from mirrorpool.nbd.constants import (
     Errno,
 )
 from mirrorpool.replication.journal import Kind
-from mirrorpool.replication.link import parse_forwarded
+from mirrorpool.replication.link import CONSISTENT, parse_forwarded
 from mirrorpool.store import Extent, StoreError
 
 if TYPE_CHECKING:
@@ -195,8 +195,10 @@ class PrimaryExport(Export):
         seq = ticket.seq or 0  # type: ignore[attr-defined]
         try:
             # its record is on file before the data changes: after a crash, a write
-            # whose record is missing was still in flight (and is refreshed)
-            replicator.journal.persist(seq)
+            # whose record is missing was still in flight (and is refreshed).  Once
+            # journaling stopped, the chunks written are refreshed instead.
+            if replicator.state == CONSISTENT:
+                replicator.journal.persist(seq)
         except OSError as exc:
             self.abandon(ticket)  # never applied; the range is refreshed on the remote
             raise StoreError(Errno.EIO, f"replication journal: {exc}") from None

@@ -352,6 +352,12 @@ class ReplicationJournal:
                     self._pending[:0] = pending[start:]
                 raise
 
+    def discard_queued(self) -> None:
+        """Forget the records not yet on file (journaling stopped; their chunks are
+        refreshed from the records still in memory)."""
+        with self._io_lock, self._lock:
+            self._pending.clear()
+
     def _write_all(self, datas: list[bytes]) -> None:
         """pwritev until every byte is in the file (a short write leaves no gap)."""
         total = sum(map(len, datas))

@@ -247,6 +247,9 @@ class Replicator:
         except OSError as exc:  # the state saved in the catalog tells it as well
             log.error("replication journal: cannot note the stop",
                       extra={"lu": self.config.lu, "error": str(exc)})
+            # What never reached the file is refreshed from memory like the rest;
+            # left queued, every later write would retry it and fail.
+            self.journal.discard_queued()
         self.state = INCONSISTENT
         self._overflow = True  # what the journal still holds is refreshed instead
         with self._replied:

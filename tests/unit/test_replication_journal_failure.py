@@ -1,0 +1,56 @@
+"""A replication journal that can no longer be written, seen from the host's writes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mirrorpool.device.device import Device
+from mirrorpool.device.exports import PrimaryExport
+from mirrorpool.nbd.codec import Command
+from mirrorpool.nbd.constants import Cmd
+from mirrorpool.replication.journal import ReplicationJournal
+from mirrorpool.replication.link import CONSISTENT, INCONSISTENT, RemoteConfig, Replicator
+from mirrorpool.store import StoreError
+
+BLOCK = 4096
+
+
+def _write(export: PrimaryExport, offset: int) -> None:
+    payload = memoryview(bytes([offset // BLOCK % 251 + 1]) * BLOCK)
+    ticket = export.admit(Command(0, Cmd.WRITE, 1, offset, BLOCK, BLOCK), payload)
+    export.write(ticket, payload, offset, False)
+
+
+def test_a_journal_that_cannot_be_written_falls_back_and_the_lu_stays_writable(
+    tmp_path: Path,
+) -> None:
+    """The write whose record could not be put on file fails (it was never applied);
+    journaling stops, and every later write goes on, its chunks marked to copy."""
+    device = Device(str(tmp_path / "data"))
+    try:
+        lu = device.create_lu("x", 1 << 20, pool=1)
+        export = PrimaryExport(device, lu)
+        journal = ReplicationJournal(str(tmp_path / "journal"), 1 << 30)
+        config = RemoteConfig(lu="x", device="", nbd="", remote="x", state=CONSISTENT)
+        replicator = Replicator(config, lu.volume, journal, save=lambda _r: None)
+        device.remotes._replicators["x"] = replicator  # never started: nothing is sent
+        _write(export, 0)
+        good_fd = journal._fd
+        journal._fd = os.open(tmp_path / "journal" / "00000000.seg", os.O_RDONLY)
+        try:
+            with pytest.raises(StoreError):
+                _write(export, 5 * BLOCK)  # the disk under the journal fails
+            assert replicator.state == INCONSISTENT
+            for block in (6, 7, 8):
+                _write(export, block * BLOCK)
+        finally:
+            os.close(journal._fd)
+            journal._fd = good_fd
+        assert {5, 6, 7, 8} <= set(replicator.dirty)
+        del device.remotes._replicators["x"]
+        journal.close()
+    finally:
+        device.close()
