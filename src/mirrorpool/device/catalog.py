@@ -10,6 +10,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 SCHEMA_VERSION = 1
+# the trigger log's detail for a split a crash cut short, completed by the next start:
+# never answered
+COMPLETED_AT_START_UP = "split completed at start-up after a crash"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -300,6 +303,14 @@ class Catalog:
                 (trigger_id, ",".join(lus), ",".join(map(str, seqs)), source, label, received,
                  outcome, detail),
             )
+
+    def trigger_answered(self, trigger_id: str) -> bool:
+        """Was this trigger's split committed and answered (not completed at start-up)?"""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT outcome, detail FROM trigger_log WHERE id = ?", (trigger_id,)).fetchall()
+        return any(outcome == "ok" and detail != COMPLETED_AT_START_UP
+                   for outcome, detail in rows)
 
     def triggers(self, lu: str | None = None, limit: int = 100) -> list[dict]:
         with self._lock:

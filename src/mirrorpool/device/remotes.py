@@ -107,7 +107,8 @@ class RemoteService:
         journal = journal or ReplicationJournal(self._journal_dir(lu), config.limit)
         replicator = Replicator(config, lu.volume, journal, self._save,
                                 remote_digests=self._digest_fetcher(config),
-                                tls=self._tls_context(config.options))
+                                tls=self._tls_context(config.options),
+                                trigger_committed=self.device.catalog.trigger_answered)
         with self._lock:
             self._replicators[lu.name] = replicator
         return replicator

@@ -128,12 +128,32 @@ class TriggerService:
             log.warning("trigger refused", extra={"trigger": pending.id, "lus": ",".join(unique),
                                                   "why": str(exc)})
             raise
+        except BaseException:
+            self._tell_links(pending, False)
+            raise
         return pending
+
+    def _tell_links(self, pending: PendingTrigger, ok: bool) -> None:
+        """The replication links that journalled this TRIGGER may send it (or never)."""
+        for lu, plan in zip(pending.lus, pending.plans, strict=False):
+            if pending.replicated.get(lu.name) and plan.op is not None:
+                replicator = self.device.remotes.replicator(lu.name)
+                if replicator is not None:
+                    replicator.trigger_done(plan.op.seq or 0, ok)
 
     def complete(self, pending: PendingTrigger) -> list[dict]:
         """Wait for the TRIGGER to reach the head of each queue, make it durable, answer."""
         if pending.existing is not None:
             return pending.existing
+        try:
+            answers = self._complete(pending)
+        except BaseException:
+            self._tell_links(pending, False)
+            raise
+        self._tell_links(pending, True)
+        return answers
+
+    def _complete(self, pending: PendingTrigger) -> list[dict]:
         for plan in pending.plans:
             plan.volume.finish_split(plan)  # readable from here on
         seqs = [plan.op.seq or 0 for plan in pending.plans if plan.op is not None]

@@ -8,7 +8,13 @@ from dataclasses import dataclass, field
 
 from pyroaring import BitMap
 
-from mirrorpool.device.catalog import Catalog, GenerationRecord, LuRecord, MemberRecord
+from mirrorpool.device.catalog import (
+    COMPLETED_AT_START_UP,
+    Catalog,
+    GenerationRecord,
+    LuRecord,
+    MemberRecord,
+)
 from mirrorpool.mirror.changes import CHUNK, ChangeLog
 from mirrorpool.mirror.journal import BitmapFile, Journal, SplitRecord
 from mirrorpool.mirror.pool import Member, MemberState
@@ -200,7 +206,7 @@ def _complete_split(
     with catalog.transaction():
         catalog.save_pool(lu, rows, split.seq, None, [generation], split.recycled)
         catalog.log_trigger(split.trigger_id, [lu], [split.seq], split.source, split.label,
-                            split.created, "ok", "split completed at start-up after a crash")
+                            split.created, "ok", COMPLETED_AT_START_UP)
     return True
 
 

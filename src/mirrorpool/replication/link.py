@@ -139,7 +139,8 @@ class Replicator:
     def __init__(self, config: RemoteConfig, volume: MirroredVolume, journal: ReplicationJournal,
                  save: Callable[[Replicator], None],
                  remote_digests: Callable[[int, int], bytes] | None = None,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None,
+                 trigger_committed: Callable[[str], bool] = lambda _id: False) -> None:
         self.config = config
         self.volume = volume
         self.journal = journal
@@ -165,6 +166,15 @@ class Replicator:
         self.records_sent = 0
         self.windows_sent = 0
         self._overflow = False
+        # A TRIGGER is sent once its split here is complete: every write before it
+        # applied here as it was sent, so a crash cannot leave the remote generation
+        # holding a write this device's generation lacks.  seq -> True: send it;
+        # False: the split failed here, never send it.  TRIGGERs journalled before
+        # this start were complete if the catalog says they were answered.
+        self._triggers_done: dict[int, bool] = {}
+        self._triggers_lock = threading.Lock()
+        self._journalled_before_start = journal.last_seq
+        self._trigger_committed = trigger_committed
         # after a crash of this device: the journal is sent up to here, then the dirty
         # chunks (those in flight at the crash, and every write since) are copied
         self._replay_until = 0
@@ -239,6 +249,23 @@ class Replicator:
             return False
         self._wake.set()
         return True
+
+    def trigger_done(self, seq: int, ok: bool) -> None:
+        """The split of the TRIGGER ``seq`` is complete here (``ok``), or failed."""
+        with self._triggers_lock:
+            self._triggers_done[seq] = ok
+        self._wake.set()
+
+    def _trigger_ready(self, entry: Entry) -> bool | None:
+        """True: send this TRIGGER; False: never (no split here); None: not yet."""
+        with self._triggers_lock:
+            ok = self._triggers_done.get(entry.seq)
+        if ok is None and entry.seq <= self._journalled_before_start:
+            doc = parse_forwarded(bytes(entry.wire[REQUEST_HEADER_SIZE:])) or {}
+            ok = self._trigger_committed(str(doc.get("trigger_id") or ""))
+            with self._triggers_lock:
+                self._triggers_done[entry.seq] = ok
+        return ok
 
     def _stop_journaling(self, seq: int) -> None:
         """Fall back to refreshing (sequencer lock held); noted in the journal for a crash."""
@@ -482,12 +509,25 @@ class Replicator:
             for entry, after in self.journal.entries_after(self.replied_seq, cursor):
                 if entry.kind == Kind.STOP:
                     break  # journaling ended here: the refresh takes over, nothing is sent
-                if entry.kind == Kind.TRIGGER and batch:
-                    # A TRIGGER leads a window of its own: every write before it has been
-                    # answered without error, so the remote generation lacks none of them
-                    # (a failed write is sent again after the link resumes).
-                    dry = False
-                    break
+                if entry.kind == Kind.TRIGGER:
+                    if batch:
+                        # A TRIGGER leads a window of its own: every write before it has
+                        # been answered without error, so the remote generation lacks
+                        # none of them (a failed write is sent again after the link
+                        # resumes).
+                        dry = False
+                        break
+                    ready = self._trigger_ready(entry)
+                    if ready is None:
+                        break  # its split here is not complete yet: trigger_done wakes us
+                    if not ready:
+                        # no generation here (a crash cut it short, or it failed): none
+                        # on the remote device either
+                        self.not_replicated += 1
+                        self._answered([entry])
+                        if after is not None:
+                            cursor = after
+                        continue
                 batch.append(entry)
                 if after is not None:  # records read from the files
                     cursor = after
@@ -500,6 +540,9 @@ class Replicator:
             acked = self.acked_seq  # moved on by the flusher
             if acked > trimmed:
                 trimmed = acked
+                with self._triggers_lock:  # never sent again
+                    for seq in [s for s in self._triggers_done if s <= acked]:
+                        del self._triggers_done[seq]
                 if self.journal.trim(acked):
                     cursor = None
                 now = time.monotonic()
