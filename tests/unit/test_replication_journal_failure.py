@@ -54,3 +54,36 @@ def test_a_journal_that_cannot_be_written_falls_back_and_the_lu_stays_writable(
         journal.close()
     finally:
         device.close()
+
+
+def test_a_flush_the_journal_cannot_make_durable_fails_and_ends_journaling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A retried fsync could succeed without the data being on disk (Linux reports a
+    failed write-back once): the host's FLUSH gets EIO, and the records not known
+    to be durable are copied to the remote device as chunks instead."""
+    device = Device(str(tmp_path / "data"))
+    try:
+        lu = device.create_lu("x", 1 << 20, pool=1)
+        export = PrimaryExport(device, lu)
+        journal = ReplicationJournal(str(tmp_path / "journal"), 1 << 30)
+        config = RemoteConfig(lu="x", device="", nbd="", remote="x", state=CONSISTENT)
+        replicator = Replicator(config, lu.volume, journal, save=lambda _r: None)
+        device.remotes._replicators["x"] = replicator
+        _write(export, 3 * BLOCK)
+
+        def failing_sync() -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(journal, "sync", failing_sync)
+        with pytest.raises(StoreError):
+            export.flush()
+        assert replicator.state == INCONSISTENT
+        monkeypatch.undo()
+        _write(export, 4 * BLOCK)
+        export.flush()
+        assert 4 in replicator.dirty
+        del device.remotes._replicators["x"]
+        journal.close()
+    finally:
+        device.close()

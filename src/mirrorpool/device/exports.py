@@ -210,7 +210,7 @@ class PrimaryExport(Export):
             raise
         if fua:
             try:
-                replicator.journal.sync()
+                replicator.sync_journal()
             except OSError as exc:  # the data is written, its record not made durable
                 raise StoreError(Errno.EIO, f"replication journal: {exc}") from None
         replicator.wait_remote(seq)
@@ -252,7 +252,10 @@ class PrimaryExport(Export):
 
     def flush(self) -> None:
         self.volume.flush()
-        self.device.remotes.sync_journal(self.name)
+        try:
+            self.device.remotes.sync_journal(self.name)
+        except OSError as exc:  # the data is durable, the journal may not be
+            raise StoreError(Errno.EIO, f"replication journal: {exc}") from None
 
     def cache(self, offset: int, length: int) -> None:
         self.volume.primary.cache(offset, length)

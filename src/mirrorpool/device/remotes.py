@@ -519,7 +519,7 @@ class RemoteService:
         """A host's FLUSH: the replication journal is as durable as the data it covers."""
         replicator = self.replicator(name)
         if replicator is not None:
-            replicator.journal.sync()
+            replicator.sync_journal()
 
     # ------------------------------------------------------------ writes of the device itself
 

@@ -165,7 +165,7 @@ class TriggerService:
                 if replicator is not None:
                     replicator.journal.persist()
                     if self.device.journal_sync:
-                        replicator.journal.sync()
+                        replicator.sync_journal()
         if self.device.journal_sync:
             # power-loss safe mode: the generation's data is on disk before it is answered
             for plan in pending.plans:
