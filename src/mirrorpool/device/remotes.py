@@ -25,6 +25,7 @@ from mirrorpool.replication.journal import Kind, ReplicationJournal
 from mirrorpool.replication.link import (
     CONSISTENT,
     INCONSISTENT,
+    REPLAYING,
     REVERSING,
     SYNCING,
     LinkOptions,
@@ -86,7 +87,7 @@ class RemoteService:
                                          f"remote resync {lu_name} --reverse` again")
                 continue  # not started: it would overwrite what hosts wrote on the copy
             if not clean:
-                if state == CONSISTENT and not replicator.journal.stopped:
+                if state in (CONSISTENT, REPLAYING) and not replicator.journal.stopped:
                     replicator.after_crash(divergent.get(lu_name, BitMap()))
                 else:
                     # changes made while the copy was being refreshed are not all on

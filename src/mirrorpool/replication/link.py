@@ -178,6 +178,7 @@ class Replicator:
         # after a crash of this device: the journal is sent up to here, then the dirty
         # chunks (those in flight at the crash, and every write since) are copied
         self._replay_until = 0
+        self._compare_after_replay = False  # then compare every chunk, not only the dirty
         # (seq, time journalled), one every STAMP_EVERY: how old the oldest unanswered
         # record is, i.e. the lag in seconds
         self._stamps: deque[tuple[int, float]] = deque()
@@ -311,6 +312,11 @@ class Replicator:
         They become chunks to copy, as when the fallback first happened (the flag
         saying so lives in memory only).
         """
+        if self.state == REPLAYING and not self.journal.stopped:
+            # stopped during a replay: it goes on where it was (the chunks written
+            # since the crash were saved as dirty at the stop)
+            self._replay_until = self.journal.last_seq
+            return
         if self.state in (REPLAYING, INCONSISTENT, SYNCING) and \
                 self.journal.last_seq > self.acked_seq:
             self._overflow = True
@@ -336,11 +342,25 @@ class Replicator:
         which is what copying those chunks again settles.
         """
         self.dirty |= divergent
-        if self.state == CONSISTENT:
+        if self.state == REPLAYING:
+            # A crash during the replay of an earlier crash: the journal still holds
+            # what that replay had not sent (answered triggers among it), but the
+            # chunks written since were marked dirty in memory, and not all saved.
+            self._compare_after_replay = True
+        if self.state in (CONSISTENT, REPLAYING):
             # nothing more is journalled: later writes are marked dirty, and later
             # triggers are answered as not replicated, as while refreshing
             self.state = REPLAYING
             self._replay_until = self.journal.last_seq
+
+    def _end_replay(self) -> None:
+        """The journal is sent: copy the dirty chunks (compare every chunk, if asked)."""
+        with self.volume.seq.lock:
+            self.state = INCONSISTENT
+            if self._compare_after_replay:
+                self._compare_after_replay = False
+                nchunks = (self.volume.size + CHUNK - 1) // CHUNK
+                self.compare |= BitMap(range(nchunks)) - self.dirty
 
     def wait_remote(self, seq: int) -> None:
         """Sync mode: return once the remote device answered the mutation ``seq``."""
@@ -511,8 +531,7 @@ class Replicator:
         trimmed = self.acked_seq
         while not self._stopping:
             if self.state == REPLAYING and self.replied_seq >= self._replay_until:
-                with self.volume.seq.lock:
-                    self.state = INCONSISTENT  # the journal is sent: copy the dirty chunks
+                self._end_replay()
             if self.state not in (CONSISTENT, REPLAYING):
                 self._refresh(client)
                 cursor = None
