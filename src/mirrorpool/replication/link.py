@@ -178,6 +178,7 @@ class Replicator:
         # after a crash of this device: the journal is sent up to here, then the dirty
         # chunks (those in flight at the crash, and every write since) are copied
         self._replay_until = 0
+        self._connections = 0  # the sender's connections so far
         self._compare_after_replay = False  # then compare every chunk, not only the dirty
         # (seq, time journalled), one every STAMP_EVERY: how old the oldest unanswered
         # record is, i.e. the lag in seconds
@@ -440,6 +441,7 @@ class Replicator:
                 # resume after what the remote device holds on stable storage, before
                 # the flusher can see this connection as up
                 self.replied_seq = self.acked_seq
+                self._connections += 1  # after the reset: see _flush_loop
                 if not self._writes_failing:
                     self.down_since = None
                 self.connected = True
@@ -503,6 +505,10 @@ class Replicator:
         client: NbdClient | None = None
         while not self._stopping:
             self._stop_event.wait(FLUSH_EVERY)
+            # Answered on this connection of the sender's: if it reconnects meanwhile,
+            # the remote device may have lost them (a power loss), and the flush below
+            # would not cover them.  Read before the target, which it resets first.
+            connection = self._connections
             target = self.replied_seq
             if self.state != CONSISTENT or target <= self.acked_seq or not self.connected:
                 continue
@@ -520,7 +526,8 @@ class Replicator:
                 continue
             with self.volume.seq.lock:
                 # a refresh may have started meanwhile and set its own position
-                if self.state == CONSISTENT and target > self.acked_seq:
+                if self.state == CONSISTENT and target > self.acked_seq \
+                        and connection == self._connections:
                     self.acked_seq = target
         if client is not None:
             client.abort()
