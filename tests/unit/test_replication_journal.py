@@ -341,3 +341,26 @@ def test_the_first_sync_after_a_restart_covers_what_the_last_run_wrote(
     synced.clear()
     j.close()
     assert set(synced) == {os.stat(tmp_path / rj._segment_name(2)).st_ino}
+
+
+def test_a_sync_after_a_new_segment_makes_its_name_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(rj, "SEGMENT_BYTES", 3 * _write(1).size)
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(rj.os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino),
+                                                    real(fd)))
+    directory = os.stat(tmp_path).st_ino
+    j.sync()  # segment 0 was made by the journal's start
+    assert synced == [directory]
+    synced.clear()
+    j.append(_write(1))
+    j.sync()  # no new file since
+    assert synced == []
+    for seq in range(2, 5):  # 4 goes to a new segment
+        j.append(_write(seq))
+    j.sync()
+    assert synced == [directory]
+    j.close()

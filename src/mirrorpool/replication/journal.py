@@ -158,6 +158,7 @@ class ReplicationJournal:
         self._fd_end = 0  # bytes of records in the file of _fd_index
         self._written: dict[int, int] = {}  # the same, for segments written before
         self._unsynced: set[int] = set()  # segments written, then left, since the last sync
+        self._new_names = False  # segment files made since the last sync (the directory)
         self._used = 0
         # segment index -> (bytes, last seq)
         self._segments: dict[int, tuple[int, int]] = {}
@@ -203,7 +204,9 @@ class ReplicationJournal:
         self._open(self._current)
 
     def _open(self, index: int) -> None:
-        fd = os.open(self._path(index), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        path = self._path(index)
+        self._new_names = self._new_names or not os.path.exists(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if self._fd >= 0:
             os.close(self._fd)
             self._unsynced.add(self._fd_index)
@@ -392,6 +395,13 @@ class ReplicationJournal:
                     older.discard(index)
                 if self._fd >= 0:
                     os.fdatasync(self._fd)
+                if self._new_names:  # a new segment's name must survive a power loss too
+                    fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    self._new_names = False
             finally:
                 self._unsynced |= older  # not made durable: the next sync tries again
 
