@@ -87,7 +87,8 @@ class RemoteService:
                                          f"remote resync {lu_name} --reverse` again")
                 continue  # not started: it would overwrite what hosts wrote on the copy
             if not clean:
-                if state in (CONSISTENT, REPLAYING) and not replicator.journal.stopped:
+                journal = replicator.journal
+                if state in (CONSISTENT, REPLAYING) and not journal.stopped and not journal.hole:
                     replicator.after_crash(divergent.get(lu_name, BitMap()))
                 else:
                     # changes made while the copy was being refreshed are not all on

@@ -166,6 +166,9 @@ class ReplicationJournal:
         self._current = 0
         self.last_seq = 0
         self.stopped = False  # the newest record on file is a STOP
+        # found at start-up: a segment before the last ends in a torn record, so the
+        # records after it are not a continuation of those before
+        self.hole = False
         self.writes = 0  # system calls that wrote records (one may write many)
         # The newest records are also kept in memory, so the sender need not read
         # them back: every record numbered above _disk_only_upto is in _mem.
@@ -191,6 +194,10 @@ class ReplicationJournal:
             for entry, end in self._scan(index):
                 good, last = end, entry.seq
                 self.stopped = entry.kind == Kind.STOP
+            if index != indexes[-1] and self._torn_at(index, good):
+                # A later segment holds records past a hole (a power loss kept some
+                # pages and lost others): what follows it cannot be replayed in order.
+                self.hole = True
             if os.path.getsize(self._path(index)) != good:
                 os.truncate(self._path(index), good)  # a torn tail: never sent
             self._segments[index] = (good, last)
@@ -202,6 +209,12 @@ class ReplicationJournal:
         self._segments.setdefault(self._current, (0, 0))
         self._used = sum(size for size, _ in self._segments.values())
         self._open(self._current)
+
+    def _torn_at(self, index: int, end: int) -> bool:
+        """Does segment ``index`` hold something other than zeros where its records end?"""
+        with open(self._path(index), "rb") as f:
+            f.seek(end)
+            return any(f.read(_PREFIX.size))
 
     def _open(self, index: int) -> None:
         path = self._path(index)
@@ -514,6 +527,7 @@ class ReplicationJournal:
         with self._io_lock, self._lock:
             self._pending.clear()
             self._unsynced.clear()
+            self.hole = False
             for index in list(self._segments):
                 if index != self._current:
                     self._used -= self._segments.pop(index)[0]
