@@ -393,3 +393,50 @@ def test_a_torn_record_before_the_last_segment_is_reported_as_a_hole(
     j.reset()
     assert not j.hole
     j.close()
+
+
+def test_after_a_failed_sync_no_sync_succeeds_until_the_journal_starts_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Linux reports a lost write-back to one fsync: a second one would succeed though
+    the records are not on disk."""
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    j.append(_write(1))
+    real = os.fdatasync
+    calls: list[int] = []
+
+    def fails_once(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(rj.os, "fdatasync", fails_once)
+    with pytest.raises(OSError):
+        j.sync()
+    with pytest.raises(OSError, match="an earlier sync failed"):
+        j.sync()
+    j.reset()  # the remote copy is refreshed from changed-block tracking
+    j.append(_write(2))
+    j.sync()
+    j.close()
+
+
+def test_a_lost_page_between_whole_records_is_a_hole_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A record lost whole reads as zeros, like a segment's normal end: what lies past
+    it tells the difference."""
+    size = _write(1).size
+    monkeypatch.setattr(rj, "SEGMENT_BYTES", 3 * size)
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    for seq in range(1, 5):  # segments 0 (1-3) and 1 (4)
+        j.append(_write(seq))
+    j.close()
+    first = tmp_path / rj._segment_name(0)
+    data = bytearray(first.read_bytes())
+    data[size : 2 * size] = bytes(size)  # record 2, gone
+    first.write_bytes(bytes(data))
+    j = ReplicationJournal(str(tmp_path), 1 << 20)
+    assert j.hole
+    j.close()

@@ -35,7 +35,9 @@ def test_a_journal_that_cannot_be_written_falls_back_and_the_lu_stays_writable(
         export = PrimaryExport(device, lu)
         journal = ReplicationJournal(str(tmp_path / "journal"), 1 << 30)
         config = RemoteConfig(lu="x", device="", nbd="", remote="x", state=CONSISTENT)
-        replicator = Replicator(config, lu.volume, journal, save=lambda _r: None)
+        saved: list[str] = []
+        replicator = Replicator(config, lu.volume, journal,
+                                save=lambda r: saved.append(r.state))
         device.remotes._replicators["x"] = replicator  # never started: nothing is sent
         _write(export, 0)
         good_fd = journal._fd
@@ -44,8 +46,14 @@ def test_a_journal_that_cannot_be_written_falls_back_and_the_lu_stays_writable(
             with pytest.raises(StoreError):
                 _write(export, 5 * BLOCK)  # the disk under the journal fails
             assert replicator.state == INCONSISTENT
-            for block in (6, 7, 8):
+            assert saved == []
+            _write(export, 6 * BLOCK)
+            # answered only once the catalog says so: after a crash the journal, with
+            # no STOP record on file, must not be replayed as if it were complete
+            assert saved == [INCONSISTENT]
+            for block in (7, 8):
                 _write(export, block * BLOCK)
+            assert saved == [INCONSISTENT]
         finally:
             os.close(journal._fd)
             journal._fd = good_fd
@@ -79,9 +87,8 @@ def test_a_flush_the_journal_cannot_make_durable_fails_and_ends_journaling(
         with pytest.raises(StoreError):
             export.flush()
         assert replicator.state == INCONSISTENT
-        monkeypatch.undo()
         _write(export, 4 * BLOCK)
-        export.flush()
+        export.flush()  # nothing journalled since: the journal's disk is not asked again
         assert 4 in replicator.dirty
         del device.remotes._replicators["x"]
         journal.close()

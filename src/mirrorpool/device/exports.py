@@ -213,6 +213,8 @@ class PrimaryExport(Export):
                 replicator.sync_journal()
             except OSError as exc:  # the data is written, its record not made durable
                 raise StoreError(Errno.EIO, f"replication journal: {exc}") from None
+        if replicator.state != CONSISTENT:
+            replicator.save_fallback()
         replicator.wait_remote(seq)
 
     def read_into(self, buf: memoryview, offset: int) -> None:

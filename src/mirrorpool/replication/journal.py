@@ -159,6 +159,9 @@ class ReplicationJournal:
         self._written: dict[int, int] = {}  # the same, for segments written before
         self._unsynced: set[int] = set()  # segments written, then left, since the last sync
         self._new_names = False  # segment files made since the last sync (the directory)
+        # Linux reports a failed write-back to one fsync only: after one, no later
+        # sync can vouch for the records, until the journal starts again (reset)
+        self._sync_failed: OSError | None = None
         self._used = 0
         # segment index -> (bytes, last seq)
         self._segments: dict[int, tuple[int, int]] = {}
@@ -211,10 +214,13 @@ class ReplicationJournal:
         self._open(self._current)
 
     def _torn_at(self, index: int, end: int) -> bool:
-        """Does segment ``index`` hold something other than zeros where its records end?"""
+        """Does segment ``index`` hold anything but zeros past where its records end?"""
         with open(self._path(index), "rb") as f:
             f.seek(end)
-            return any(f.read(_PREFIX.size))
+            while block := f.read(1 << 20):
+                if block.count(0) != len(block):
+                    return True
+        return False
 
     def _open(self, index: int) -> None:
         path = self._path(index)
@@ -393,6 +399,8 @@ class ReplicationJournal:
         """
         self.persist()
         with self._io_lock:
+            if self._sync_failed is not None:
+                raise OSError(errno.EIO, f"an earlier sync failed: {self._sync_failed}")
             older, self._unsynced = self._unsynced, set()
             try:
                 for index in sorted(older):
@@ -415,8 +423,11 @@ class ReplicationJournal:
                     finally:
                         os.close(fd)
                     self._new_names = False
+            except OSError as exc:
+                self._sync_failed = exc
+                raise
             finally:
-                self._unsynced |= older  # not made durable: the next sync tries again
+                self._unsynced |= older
 
     # ------------------------------------------------------------ reading and trimming
 
@@ -528,6 +539,7 @@ class ReplicationJournal:
             self._pending.clear()
             self._unsynced.clear()
             self.hole = False
+            self._sync_failed = None
             for index in list(self._segments):
                 if index != self._current:
                     self._used -= self._segments.pop(index)[0]

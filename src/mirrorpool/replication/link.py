@@ -179,7 +179,7 @@ class Replicator:
         # chunks (those in flight at the crash, and every write since) are copied
         self._replay_until = 0
         self._connections = 0  # the sender's connections so far
-        self._compare_after_replay = False  # then compare every chunk, not only the dirty
+        self._fallback_saved = True  # the catalog knows journaling stopped (see _mutate)
         # (seq, time journalled), one every STAMP_EVERY: how old the oldest unanswered
         # record is, i.e. the lag in seconds
         self._stamps: deque[tuple[int, float]] = deque()
@@ -252,6 +252,15 @@ class Replicator:
         self._wake.set()
         return True
 
+    def save_fallback(self) -> None:
+        """Before a write made since journaling stopped is answered, the catalog says
+        the copy is not consistent.  Else, after a crash, a journal whose STOP record
+        could not be written would be replayed as complete, and that write lost.
+        (Not under the sequencer lock: the catalog's lock is taken before it.)"""
+        if not self._fallback_saved:
+            self._save(self)
+            self._fallback_saved = True
+
     def sync_journal(self) -> None:
         """Make the journal durable (a host's FLUSH or FUA write).
 
@@ -259,6 +268,8 @@ class Replicator:
         not tell (Linux reports a failed write-back once): journaling stops, and
         the chunks concerned are copied to the remote device instead.
         """
+        if self.state != CONSISTENT:
+            return  # nothing journalled since: the chunks written are copied instead
         try:
             self.journal.sync()
         except OSError as exc:
@@ -295,6 +306,7 @@ class Replicator:
             # left queued, every later write would retry it and fail.
             self.journal.discard_queued()
         self.state = INCONSISTENT
+        self._fallback_saved = False
         self._overflow = True  # what the journal still holds is refreshed instead
         with self._replied:
             self._replied.notify_all()  # sync writes waiting for the remote go on
@@ -346,8 +358,10 @@ class Replicator:
         if self.state == REPLAYING:
             # A crash during the replay of an earlier crash: the journal still holds
             # what that replay had not sent (answered triggers among it), but the
-            # chunks written since were marked dirty in memory, and not all saved.
-            self._compare_after_replay = True
+            # chunks written since were marked dirty in memory, and not all saved:
+            # once the journal is sent, every chunk is compared (saved as to copy).
+            nchunks = (self.volume.size + CHUNK - 1) // CHUNK
+            self.compare |= BitMap(range(nchunks)) - self.dirty
         if self.state in (CONSISTENT, REPLAYING):
             # nothing more is journalled: later writes are marked dirty, and later
             # triggers are answered as not replicated, as while refreshing
@@ -355,13 +369,9 @@ class Replicator:
             self._replay_until = self.journal.last_seq
 
     def _end_replay(self) -> None:
-        """The journal is sent: copy the dirty chunks (compare every chunk, if asked)."""
+        """The journal is sent: copy the dirty chunks, compare those to compare."""
         with self.volume.seq.lock:
             self.state = INCONSISTENT
-            if self._compare_after_replay:
-                self._compare_after_replay = False
-                nchunks = (self.volume.size + CHUNK - 1) // CHUNK
-                self.compare |= BitMap(range(nchunks)) - self.dirty
 
     def wait_remote(self, seq: int) -> None:
         """Sync mode: return once the remote device answered the mutation ``seq``."""
