@@ -10,7 +10,9 @@ trigger's catalog transaction (save_split) made it durable:
 * ``pending``: nothing else happens first;
 * ``write``: a write of "C" lands first (on the member that held generation 1);
 * ``resync``: 0.3 s pass first, in which the new active backup's resync finishes and
-  saves the pool's member rows.
+  saves the pool's member rows;
+* ``group``: the third trigger splits ``lu`` and a second LU, ``lu2``, at one cut (a
+  consistency group), and the device dies once both splits reached that point.
 
 Every write is 4 KiB at OFFSET (chunk 3).
 """
@@ -70,6 +72,17 @@ def main(data_dir: str, mode: str) -> None:
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
+    if mode == "group":
+        second = device.create_lu("lu2", 1 << 20, pool=3).volume
+        last_finish = second.finish_split
+
+        def finish_both_then_die(plan: object) -> None:
+            last_finish(plan)  # type: ignore[arg-type]
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        second.finish_split = finish_both_then_die  # type: ignore[method-assign]
+        device.triggers.trigger(["lu", "lu2"], "t3")
+        return
     volume.finish_split = finish_then_die  # type: ignore[method-assign]
     device.triggers.trigger(["lu"], "t3")
 

@@ -198,3 +198,15 @@ def test_crash_after_the_split_record_resyncs_the_new_active_backup(tmp_path: Pa
         assert _read(volume.generation_view(made["gen"]), OFFSET) == b"B"
     finally:
         device.close()
+
+
+def test_a_group_split_cut_short_is_completed_and_logged_once(tmp_path: Path) -> None:
+    """Start-up completes a consistency group's split LU by LU under one trigger id:
+    the device opens, and the trigger log holds one row naming both LUs."""
+    device = _crash_inside_split(tmp_path, "group")
+    try:
+        (row,) = [t for t in device.catalog.triggers() if t["label"] == "t3"]
+        assert row["lus"].split(",") == ["lu", "lu2"]
+        assert row["outcome"] == "ok"
+    finally:
+        device.close()

@@ -219,3 +219,19 @@ def test_pruning_change_sets_visits_only_rows_that_hold_one(db_path: Path) -> No
     for statement in prunes:
         plan = catalog._db.execute("EXPLAIN QUERY PLAN " + statement).fetchall()
         assert "generation_with_changes" in " ".join(str(row) for row in plan), plan
+
+
+def test_a_group_trigger_completed_lu_by_lu_at_start_up_is_one_row(db_path: Path) -> None:
+    """A crash that cut a consistency group's split short: start-up completes it LU by
+    LU, each logging the same trigger id (a second plain insert would fail)."""
+    cat = Catalog(str(db_path))
+    try:
+        for lu, seq in (("a", 7), ("b", 9)):
+            cat.log_trigger("t1", [lu], [seq], "api", "x", 1.0, "ok", "completed",
+                            merge=True)
+        (row,) = cat.triggers()
+        assert (row["id"], row["lus"], row["seqs"]) == ("t1", "a,b", "7,9")
+        with pytest.raises(sqlite3.IntegrityError):
+            cat.log_trigger("t1", ["c"], [1], "api", "x", 1.0, "ok")
+    finally:
+        cat.close()

@@ -294,12 +294,17 @@ class Catalog:
 
     def log_trigger(
         self, trigger_id: str, lus: list[str], seqs: list[int], source: str, label: str,
-        received: float, outcome: str, detail: str = "",
+        received: float, outcome: str, detail: str = "", merge: bool = False,
     ) -> None:
+        """``merge``: one LU of a trigger logged LU by LU (a consistency group's split
+        completed at start-up): added to the trigger's row if there is one."""
+        conflict = (" ON CONFLICT(id) DO UPDATE SET lus = trigger_log.lus || ',' ||"
+                    " excluded.lus, seqs = trigger_log.seqs || ',' || excluded.seqs"
+                    if merge else "")
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO trigger_log (id, lus, seqs, source, label, received, outcome, detail)"
-                " VALUES (?,?,?,?,?,?,?,?)",
+                " VALUES (?,?,?,?,?,?,?,?)" + conflict,
                 (trigger_id, ",".join(lus), ",".join(map(str, seqs)), source, label, received,
                  outcome, detail),
             )

@@ -206,7 +206,7 @@ def _complete_split(
     with catalog.transaction():
         catalog.save_pool(lu, rows, split.seq, None, [generation], split.recycled)
         catalog.log_trigger(split.trigger_id, [lu], [split.seq], split.source, split.label,
-                            split.created, "ok", COMPLETED_AT_START_UP)
+                            split.created, "ok", COMPLETED_AT_START_UP, merge=True)
     return True
 
 
