@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,45 @@ def test_a_flush_the_journal_cannot_make_durable_fails_and_ends_journaling(
         _write(export, 4 * BLOCK)
         export.flush()  # nothing journalled since: the journal's disk is not asked again
         assert 4 in replicator.dirty
+        del device.remotes._replicators["x"]
+        journal.close()
+    finally:
+        device.close()
+
+
+def test_a_restore_whose_journal_record_cannot_be_written_leaves_nothing_waiting(
+    tmp_path: Path,
+) -> None:
+    """The restore fails with a clear error; the LU's sequence is not held up (a later
+    trigger completes), and the range is copied to the remote device instead."""
+    device = Device(str(tmp_path / "data"))
+    try:
+        lu = device.create_lu("x", 1 << 20, pool=2)
+        export = PrimaryExport(device, lu)
+        _write(export, 2 * BLOCK)
+        (made,) = device.triggers.trigger(["x"], "before")
+        payload = memoryview(b"\x07" * BLOCK)  # the primary moves on
+        ticket = export.admit(Command(0, Cmd.WRITE, 1, 2 * BLOCK, BLOCK, BLOCK), payload)
+        export.write(ticket, payload, 2 * BLOCK, False)
+        journal = ReplicationJournal(str(tmp_path / "journal"), 1 << 30)
+        config = RemoteConfig(lu="x", device="", nbd="", remote="x", state=CONSISTENT)
+        replicator = Replicator(config, lu.volume, journal, save=lambda _r: None)
+        device.remotes._replicators["x"] = replicator
+        good_fd = journal._fd
+        journal._fd = os.open(tmp_path / "journal" / "00000000.seg", os.O_RDONLY)
+        try:
+            with pytest.raises(StoreError, match="replication journal"):
+                device.backups.restore("x", made["gen"], force=True)
+        finally:
+            os.close(journal._fd)
+            journal._fd = good_fd
+        assert replicator.state == INCONSISTENT
+        assert 2 in replicator.dirty
+        done = threading.Thread(target=device.triggers.trigger, args=(["x"], "after"),
+                                daemon=True)
+        done.start()
+        done.join(10)
+        assert not done.is_alive(), "the trigger waits on the failed restore's operation"
         del device.remotes._replicators["x"]
         journal.close()
     finally:

@@ -17,7 +17,9 @@ from mirrorpool.device.volumes import (
 )
 from mirrorpool.errors import Conflict, InvalidRequest
 from mirrorpool.mirror.changes import CHUNK, byte_extents, chunk_runs
+from mirrorpool.nbd.constants import Errno
 from mirrorpool.replication.journal import Kind
+from mirrorpool.store import StoreError
 
 if TYPE_CHECKING:
     from mirrorpool.device.device import Device, LogicalUnit
@@ -149,8 +151,18 @@ class BackupService:
                 # a replicated LU's remote copy gets the restored data in its place
                 op = volume.begin(offset, length, self.device.remotes.journal_hook(
                     name, Kind.WRITE, offset, length, data))
-                self.device.remotes.persist_journal(name)  # on file before the data changes
-                volume.write(op, data, offset)
+                try:
+                    self.device.remotes.persist_journal(name)  # on file before the data
+                except OSError as exc:
+                    # never applied: finished, or every later operation would wait on it
+                    volume.abandon(op)
+                    self.device.remotes.diverged(name, first, first + count)
+                    raise StoreError(Errno.EIO, f"replication journal: {exc}") from None
+                try:
+                    volume.write(op, data, offset)
+                except StoreError:
+                    self.device.remotes.diverged(name, first, first + count)
+                    raise
                 done += count
                 copied += length
                 if progress:
