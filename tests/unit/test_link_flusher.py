@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from pathlib import Path
@@ -29,7 +30,12 @@ class FlushingClient:
 
 
 def _acked_after_flushes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                         reconnect: bool) -> int:
+                         reconnect: bool, sender_follows: bool = True) -> int:
+    """acked_seq after the flusher ran a few turns, with 10 records answered.
+
+    ``sender_follows``: the sender reconnects when the flusher connects (as its kick
+    makes it do); ``reconnect``: the sender reconnects again during a flush.
+    """
     monkeypatch.setattr(link, "FLUSH_EVERY", 0.01)
     volume = SimpleNamespace(seq=SimpleNamespace(lock=threading.Lock(), last_seq=10),
                              size=1 << 20)
@@ -46,7 +52,13 @@ def _acked_after_flushes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         replicator._connections = getattr(replicator, "_connections", 0) + 1
 
     client = FlushingClient(sender_reconnects if reconnect else None)
-    monkeypatch.setattr(replicator, "_connect", lambda **_kw: client)
+
+    def connect(**_kw: object) -> FlushingClient:
+        if sender_follows:
+            replicator._connections = getattr(replicator, "_connections", 0) + 1
+        return client
+
+    monkeypatch.setattr(replicator, "_connect", connect)
     flusher = threading.Thread(target=replicator._flush_loop, daemon=True)
     flusher.start()
     deadline = time.monotonic() + 5
@@ -72,3 +84,31 @@ def test_a_flush_across_a_reconnection_acknowledges_nothing_of_the_old_connectio
     """Records answered before the remote device lost power are not on its disk: marked
     acknowledged, they would be trimmed from the journal and never sent again."""
     assert _acked_after_flushes(tmp_path, monkeypatch, reconnect=True) == 0
+
+
+def test_a_new_flusher_connection_vouches_only_for_a_newer_sender_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An idle sender would not notice that the remote device restarted; the flusher,
+    reconnecting, cannot tell either: it acknowledges nothing the sender's older
+    connection had answered."""
+    assert _acked_after_flushes(tmp_path, monkeypatch, reconnect=False,
+                                sender_follows=False) == 0
+
+
+def test_the_flusher_connecting_ends_the_senders_connection(tmp_path: Path) -> None:
+    journal = ReplicationJournal(str(tmp_path), 1 << 20)
+    volume = SimpleNamespace(seq=SimpleNamespace(lock=threading.Lock(), last_seq=0),
+                             size=1 << 20)
+    config = RemoteConfig(lu="x", device="", nbd="", remote="x", state=CONSISTENT)
+    replicator = Replicator(config, volume, journal, save=lambda _r: None)  # type: ignore[arg-type]
+    ours, theirs = socket.socketpair()
+    try:
+        replicator._client = SimpleNamespace(sock=ours)  # type: ignore[assignment]
+        replicator._kick_sender()
+        assert theirs.recv(1) == b""  # the connection was shut down
+        assert replicator._kicked
+    finally:
+        ours.close()
+        theirs.close()
+        journal.close()

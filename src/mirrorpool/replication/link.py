@@ -179,6 +179,7 @@ class Replicator:
         # chunks (those in flight at the crash, and every write since) are copied
         self._replay_until = 0
         self._connections = 0  # the sender's connections so far
+        self._kicked = False  # the flusher ended the sender's connection (see _flush_loop)
         self._fallback_saved = True  # the catalog knows journaling stopped (see _mutate)
         # (seq, time journalled), one every STAMP_EVERY: how old the oldest unanswered
         # record is, i.e. the lag in seconds
@@ -462,7 +463,12 @@ class Replicator:
                 # a remote device that takes the connection but fails every write is
                 # down as well: its outage goes on across reconnections
                 self._writes_failing = isinstance(exc, RemoteWriteFailed)
-                if not self._stopping:
+                kicked, self._kicked = self._kicked, False
+                if kicked and not self._writes_failing:
+                    backoff = 0.0  # at once: see _kick_sender
+                    log.info("replication link reconnecting: the flusher reconnected",
+                             extra={"lu": self.config.lu})
+                elif not self._stopping:
                     self.last_error = str(exc)
                     log.warning("replication link down", extra={"lu": self.config.lu,
                                                                  "error": str(exc)})
@@ -480,7 +486,16 @@ class Replicator:
             # not _wake: host writes set it all the time, and would turn the
             # back-off into a loop of connection attempts
             self._stop_event.wait(backoff)
-            backoff = min(backoff * 2, 2.0)
+            backoff = min(max(backoff * 2, 0.1), 2.0)
+
+    def _kick_sender(self) -> None:
+        """End the sender's connection: it reconnects at once and resends from acked."""
+        client = self._client
+        if client is not None:
+            self._kicked = True
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(client.sock, socket.SHUT_RDWR)
+            self._wake.set()
 
     def _connect(self, contexts: tuple[str, ...] = (), uri: str | None = None) -> NbdClient:
         try:
@@ -513,6 +528,7 @@ class Replicator:
         the sender saw answered; the sender never waits for the remote disk.
         """
         client: NbdClient | None = None
+        since = 0  # the sender's connections when this flusher connected
         while not self._stopping:
             self._stop_event.wait(FLUSH_EVERY)
             # Answered on this connection of the sender's: if it reconnects meanwhile,
@@ -526,8 +542,14 @@ class Replicator:
                 if client is None:
                     # the remote LU's own (read-only) export: a second connection to
                     # the link's export would fence the sender's off
+                    since = self._connections
                     client = self._connect(uri=self.config.nbd.rsplit("/", 1)[0] + "/"
                                            + quote(self.config.remote, safe=""))
+                    # The remote device may have restarted since the sender's requests
+                    # were answered (a power loss takes what it had not flushed), and
+                    # an idle sender would not know: it starts again from what is
+                    # acknowledged, on a connection this one can vouch for.
+                    self._kick_sender()
                 client.flush()
             except (OSError, NbdError):
                 if client is not None:
@@ -537,7 +559,7 @@ class Replicator:
             with self.volume.seq.lock:
                 # a refresh may have started meanwhile and set its own position
                 if self.state == CONSISTENT and target > self.acked_seq \
-                        and connection == self._connections:
+                        and connection == self._connections and connection > since:
                     self.acked_seq = target
         if client is not None:
             client.abort()
@@ -547,6 +569,8 @@ class Replicator:
         last_save = time.monotonic()
         trimmed = self.acked_seq
         while not self._stopping:
+            if self._kicked:  # an idle sender notices no shut-down socket by itself
+                raise NbdError("reconnecting, as the flusher did")
             if self.state == REPLAYING and self.replied_seq >= self._replay_until:
                 self._end_replay()
             if self.state not in (CONSISTENT, REPLAYING):
