@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mirrorpool.device.device import Device
+from mirrorpool.device.device import Device, LogicalUnit
 from mirrorpool.device.exports import PrimaryExport
 from mirrorpool.nbd.codec import Command
 from mirrorpool.nbd.constants import Cmd
@@ -25,6 +25,17 @@ def _write(export: PrimaryExport, offset: int) -> None:
     export.write(ticket, payload, offset, False)
 
 
+def _link(device: Device, lu: LogicalUnit, tmp_path: Path,
+          saved: list[str] | None = None) -> tuple[ReplicationJournal, Replicator]:
+    """A replication journal and link for ``lu``, never started: nothing is sent."""
+    journal = ReplicationJournal(str(tmp_path / "journal"), 1 << 30)
+    config = RemoteConfig(lu="x", device="", nbd="", remote="x", state=CONSISTENT)
+    record = saved if saved is not None else []
+    replicator = Replicator(config, lu.volume, journal, save=lambda r: record.append(r.state))
+    device.remotes._replicators["x"] = replicator
+    return journal, replicator
+
+
 def test_a_journal_that_cannot_be_written_falls_back_and_the_lu_stays_writable(
     tmp_path: Path,
 ) -> None:
@@ -34,12 +45,8 @@ def test_a_journal_that_cannot_be_written_falls_back_and_the_lu_stays_writable(
     try:
         lu = device.create_lu("x", 1 << 20, pool=1)
         export = PrimaryExport(device, lu)
-        journal = ReplicationJournal(str(tmp_path / "journal"), 1 << 30)
-        config = RemoteConfig(lu="x", device="", nbd="", remote="x", state=CONSISTENT)
         saved: list[str] = []
-        replicator = Replicator(config, lu.volume, journal,
-                                save=lambda r: saved.append(r.state))
-        device.remotes._replicators["x"] = replicator  # never started: nothing is sent
+        journal, replicator = _link(device, lu, tmp_path, saved)
         _write(export, 0)
         good_fd = journal._fd
         journal._fd = os.open(tmp_path / "journal" / "00000000.seg", os.O_RDONLY)
@@ -75,10 +82,7 @@ def test_a_flush_the_journal_cannot_make_durable_fails_and_ends_journaling(
     try:
         lu = device.create_lu("x", 1 << 20, pool=1)
         export = PrimaryExport(device, lu)
-        journal = ReplicationJournal(str(tmp_path / "journal"), 1 << 30)
-        config = RemoteConfig(lu="x", device="", nbd="", remote="x", state=CONSISTENT)
-        replicator = Replicator(config, lu.volume, journal, save=lambda _r: None)
-        device.remotes._replicators["x"] = replicator
+        journal, replicator = _link(device, lu, tmp_path)
         _write(export, 3 * BLOCK)
 
         def failing_sync() -> None:
@@ -111,10 +115,7 @@ def test_a_restore_whose_journal_record_cannot_be_written_leaves_nothing_waiting
         payload = memoryview(b"\x07" * BLOCK)  # the primary moves on
         ticket = export.admit(Command(0, Cmd.WRITE, 1, 2 * BLOCK, BLOCK, BLOCK), payload)
         export.write(ticket, payload, 2 * BLOCK, False)
-        journal = ReplicationJournal(str(tmp_path / "journal"), 1 << 30)
-        config = RemoteConfig(lu="x", device="", nbd="", remote="x", state=CONSISTENT)
-        replicator = Replicator(config, lu.volume, journal, save=lambda _r: None)
-        device.remotes._replicators["x"] = replicator
+        journal, replicator = _link(device, lu, tmp_path)
         good_fd = journal._fd
         journal._fd = os.open(tmp_path / "journal" / "00000000.seg", os.O_RDONLY)
         try:
