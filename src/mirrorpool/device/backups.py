@@ -17,9 +17,7 @@ from mirrorpool.device.volumes import (
 )
 from mirrorpool.errors import Conflict, InvalidRequest
 from mirrorpool.mirror.changes import CHUNK, byte_extents, chunk_runs
-from mirrorpool.nbd.constants import Errno
 from mirrorpool.replication.journal import Kind
-from mirrorpool.store import StoreError
 
 if TYPE_CHECKING:
     from mirrorpool.device.device import Device, LogicalUnit
@@ -151,18 +149,11 @@ class BackupService:
                 # a replicated LU's remote copy gets the restored data in its place
                 op = volume.begin(offset, length, self.device.remotes.journal_hook(
                     name, Kind.WRITE, offset, length, data))
-                try:
-                    self.device.remotes.persist_journal(name)  # on file before the data
-                except OSError as exc:
-                    # never applied: finished, or every later operation would wait on it
-                    volume.abandon(op)
-                    self.device.remotes.diverged(name, first, first + count)
-                    raise StoreError(Errno.EIO, f"replication journal: {exc}") from None
-                try:
+                replicator = self.device.remotes.replicator(name)
+                if replicator is None:
                     volume.write(op, data, offset)
-                except StoreError:
-                    self.device.remotes.diverged(name, first, first + count)
-                    raise
+                else:
+                    replicator.carry_out(op, volume.write, op, data, offset)
                 done += count
                 copied += length
                 if progress:

@@ -18,11 +18,9 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from pyroaring import BitMap
-
 from mirrorpool.device.triggers import PendingTrigger, check_label
 from mirrorpool.errors import InvalidRequest, MirrorpoolError, NotFound
-from mirrorpool.mirror.changes import CHUNK, byte_extents
+from mirrorpool.mirror.changes import byte_extents
 from mirrorpool.mirror.volume import GenerationView
 from mirrorpool.nbd.constants import (
     BASE_ALLOCATION,
@@ -192,22 +190,7 @@ class PrimaryExport(Export):
         if replicator is None:  # not replicated, or the link went away since admission
             run(*args)
             return
-        seq = ticket.seq or 0  # type: ignore[attr-defined]
-        try:
-            # its record is on file before the data changes: after a crash, a write
-            # whose record is missing was still in flight (and is refreshed).  Once
-            # journaling stopped, the chunks written are refreshed instead.
-            if replicator.state == CONSISTENT:
-                replicator.journal.persist(seq)
-        except OSError as exc:
-            self.abandon(ticket)  # never applied; the range is refreshed on the remote
-            raise StoreError(Errno.EIO, f"replication journal: {exc}") from None
-        try:
-            run(*args)
-        except StoreError:
-            op = ticket
-            replicator.diverged(BitMap(range(op.start // CHUNK, op.end // CHUNK)))  # type: ignore[attr-defined]
-            raise
+        replicator.carry_out(ticket, run, *args)  # type: ignore[arg-type]
         if fua:
             try:
                 replicator.sync_journal()
@@ -215,7 +198,7 @@ class PrimaryExport(Export):
                 raise StoreError(Errno.EIO, f"replication journal: {exc}") from None
         if replicator.state != CONSISTENT:
             replicator.save_fallback()
-        replicator.wait_remote(seq)
+        replicator.wait_remote(ticket.seq or 0)  # type: ignore[attr-defined]
 
     def read_into(self, buf: memoryview, offset: int) -> None:
         self.volume.primary.read_into(buf, offset)
@@ -247,10 +230,9 @@ class PrimaryExport(Export):
     def abandon(self, ticket: object) -> None:
         replicator = self.device.remotes.replicator(self.name)
         if replicator is not None and getattr(ticket, "kind", None) == "write":
-            op = ticket
-            # its record may already be in the replication journal: refresh the range
-            replicator.diverged(BitMap(range(op.start // CHUNK, op.end // CHUNK)))  # type: ignore[attr-defined]
-        self.volume.abandon(ticket)  # type: ignore[arg-type]
+            replicator.abandon(ticket)  # type: ignore[arg-type]
+        else:
+            self.volume.abandon(ticket)  # type: ignore[arg-type]
 
     def flush(self) -> None:
         self.volume.flush()

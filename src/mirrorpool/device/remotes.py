@@ -512,18 +512,6 @@ class RemoteService:
         return {"lu": lu.name, "reverse": True, "bytes_compared": lu.size,
                 "bytes_copied": copied, "state": CONSISTENT}
 
-    def persist_journal(self, name: str) -> None:
-        """A mutation of the device's own is about to change the data: its record first."""
-        replicator = self.replicator(name)
-        if replicator is not None and replicator.state == CONSISTENT:
-            replicator.journal.persist()
-
-    def diverged(self, name: str, first: int, stop: int) -> None:
-        """Chunks [first, stop) may differ from what the journal says: copied instead."""
-        replicator = self.replicator(name)
-        if replicator is not None:
-            replicator.diverged(BitMap(range(first, stop)))
-
     def sync_journal(self, name: str) -> None:
         """A host's FLUSH: the replication journal is as durable as the data it covers."""
         replicator = self.replicator(name)

@@ -36,10 +36,11 @@ from urllib.parse import quote
 from pyroaring import BitMap
 
 from mirrorpool.mirror.changes import CHUNK, chunk_runs, chunk_span
+from mirrorpool.mirror.sequencer import Op
 from mirrorpool.mirror.volume import MirroredVolume
 from mirrorpool.nbd.client import REPLY_TYPE_TRIGGER, NbdClient, NbdError
 from mirrorpool.nbd.codec import REQUEST_HEADER_SIZE
-from mirrorpool.nbd.constants import TRIGGER_CONTEXT, Cmd, Rep
+from mirrorpool.nbd.constants import TRIGGER_CONTEXT, Cmd, Errno, Rep
 from mirrorpool.replication.checksums import differing, digests_of
 from mirrorpool.replication.journal import (
     JOURNALLED_WRITE_OVERHEAD,
@@ -50,6 +51,7 @@ from mirrorpool.replication.journal import (
     ReplicationJournal,
     encode,
 )
+from mirrorpool.store import StoreError
 
 log = logging.getLogger("mirrorpool.replication")
 
@@ -311,6 +313,32 @@ class Replicator:
         self._overflow = True  # what the journal still holds is refreshed instead
         with self._replied:
             self._replied.notify_all()  # sync writes waiting for the remote go on
+
+    def carry_out(self, op: Op, run: Callable[..., None], *args: object) -> None:
+        """Apply a mutation admitted with its journal record, ``run(*args)``.
+
+        The record goes on file before the data changes: after a crash, a write
+        whose record is missing was still in flight (and is refreshed).  Once
+        journaling stopped, the chunks written are refreshed instead.  If either
+        step fails, the range is copied to the remote device instead.
+        """
+        try:
+            if self.state == CONSISTENT:
+                self.journal.persist(op.seq or 0)
+        except OSError as exc:
+            self.abandon(op)  # never applied
+            raise StoreError(Errno.EIO, f"replication journal: {exc}") from None
+        try:
+            run(*args)
+        except StoreError:
+            self.diverged(BitMap(range(op.start // CHUNK, op.end // CHUNK)))
+            raise
+
+    def abandon(self, op: Op) -> None:
+        """A mutation admitted and never carried out: finished, and its range, whose
+        record may be in the journal, copied to the remote device instead."""
+        self.diverged(BitMap(range(op.start // CHUNK, op.end // CHUNK)))
+        self.volume.abandon(op)
 
     def diverged(self, chunks: BitMap) -> None:
         """These chunks may differ from what the journal says (a failed or abandoned write)."""
